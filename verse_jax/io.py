@@ -4,12 +4,15 @@ The only module that touches SimpleITK files and SimpleITK's (z, y, x) numpy vie
 are (x, y, z); geometry is ``verse_jax.geometry.Geometry`` (LPS physical mm).
 """
 
+import gzip
 import json
 import logging
 import math
 import os
 import re
+import struct
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +85,61 @@ def _read_sitk(path: Path) -> sitk.Image:
         raise VerseFormatError(f"{path}: cannot read image ({detail})") from error
 
 
+def _nifti_data_end(header: bytes) -> int | None:
+    """Byte offset where the voxel data of a NIfTI-1/2 header ends (None if not NIfTI)."""
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            dims = struct.unpack(order + "8q", header[16:80])
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    count = int(np.prod([max(int(d), 1) for d in dims[1 : 1 + max(0, min(int(dims[0]), 7))]]))
+    return offset + count * bitpix // 8
+
+
+def _gzip_length(path: Path) -> int:
+    """Uncompressed length of a complete gzip file; VerseFormatError if it is truncated/corrupt."""
+    total = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(1 << 22):
+                total += len(chunk)
+    except (OSError, EOFError, zlib.error) as error:
+        raise VerseFormatError(f"{path}: truncated or corrupt gzip data ({error})") from error
+    return total
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """ITK reads truncated NIfTI files without complaint; compare the data length to the header."""
+    name = path.name.lower()
+    if path.is_dir() or not name.endswith((".nii", ".nii.gz")):
+        return
+    compressed = name.endswith(".gz")
+    try:
+        with gzip.open(path, "rb") if compressed else path.open("rb") as stream:
+            end = _nifti_data_end(stream.read(544))
+    except (OSError, EOFError, zlib.error) as error:
+        raise VerseFormatError(f"{path}: unreadable NIfTI file ({error})") from error
+    if end is None:
+        raise VerseFormatError(f"{path}: not a NIfTI file (bad header size field)")
+    if not compressed:
+        length = path.stat().st_size
+    else:
+        with path.open("rb") as stream:  # gzip trailer: length mod 2**32 (fast path)
+            stream.seek(-4, os.SEEK_END)
+            trailer = struct.unpack("<I", stream.read(4))[0]
+        length = end if trailer == end % 2**32 else _gzip_length(path)
+    if length < end:
+        raise VerseFormatError(f"{path}: truncated NIfTI file ({length} of {end} bytes)")
+
+
 def read_volume(path) -> Volume:
     """Read a 3-D image: NIfTI (.nii, .nii.gz), NRRD, MHA/MHD or a DICOM series folder.
 
@@ -96,6 +154,7 @@ def read_volume(path) -> Volume:
     """
     path = Path(path)
     image = _read_sitk(path)
+    _check_nifti_complete(path)
     if image.GetDimension() != 3:
         raise VerseFormatError(
             f"{path}: expected a 3-D image, got {image.GetDimension()}-D of size {image.GetSize()}"
