@@ -1,0 +1,450 @@
+"""Model bundles: the three trained stages with their network configs, exported and loaded.
+
+A stage export is a directory with ``stage.json`` and ``params.msgpack`` (``flax.serialization``
+bytes of the params pytree; the SCN also has ``sigmas.npy``, ``(K,)`` float32). A bundle is a
+directory with ``bundle.json`` and one such directory per stage (``spine``, ``scn``, ``seg``).
+Loading checks format, version and that the stored parameters have exactly the tree structure and
+shapes of the network the config builds (``jax.eval_shape`` of ``model.init``), and raises
+:class:`BundleError` naming the file and the problem otherwise.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization, traverse_util
+
+STAGE_FORMAT = "verse-jax-stage"
+BUNDLE_FORMAT = "verse-jax-bundle"
+FORMAT_VERSION = 1
+STAGES = ("spine", "scn", "seg")
+STAGE_FACTORIES = {
+    "spine": "spine_localization_net",
+    "scn": "vertebrae_localization_net",
+    "seg": "vertebrae_segmentation_net",
+}
+STAGE_CHANNELS = {"spine": 1, "scn": 1, "seg": 2}
+PAPER_GRIDS = {
+    "spine": {"spacing_mm": 8.0, "crop_size": (64, 64, 128), "smoothing_mm": 3.0},
+    "scn": {"spacing_mm": 2.0, "crop_size": (96, 96, 128), "smoothing_mm": 0.75},
+    "seg": {"spacing_mm": 1.0, "crop_size": (128, 128, 96), "smoothing_mm": 0.75},
+}
+_MAX_LISTED = 6
+
+
+class BundleError(ValueError):
+    """A stage export or bundle that cannot be used; the message names the file and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageGrid:
+    """Network grid of a stage: isotropic spacing (mm), crop (x, y, z) voxels, smoothing (mm)."""
+
+    spacing_mm: float
+    crop_size: tuple[int, int, int]
+    smoothing_mm: float
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StageModel:
+    """One loaded stage: Linen module, params pytree (device arrays) and its grid.
+
+    ``sigmas`` is the SCN's ``(K,)`` learnable heatmap sigmas in voxels (None for other stages).
+    Jitted apply functions are cached on the instance (``apply_fn``), one per stage model; JAX
+    caches the compiled code per input shape, so repeated cases do not recompile.
+    """
+
+    stage: str
+    model: nn.Module
+    params: Any
+    grid: StageGrid
+    num_landmarks: int
+    input_channels: int
+    factory: str
+    factory_kwargs: dict
+    sigmas: np.ndarray | None
+    extra: dict
+    path: Path | None = None
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def apply_fn(self, transform=None):
+        """Jitted ``x (B, x, y, z, c) -> output`` with the params bound as an argument.
+
+        Args:
+            transform: optional name of the output transform: None (raw module output),
+                ``"heatmaps"`` (``SCNOutput.heatmaps``) or ``"sigmoid"`` (sigmoid of the logits).
+        """
+        if transform not in self._cache:
+            model = self.model
+
+            def apply(params, x):
+                out = model.apply({"params": params}, x, train=False)
+                if transform == "heatmaps":
+                    return out.heatmaps
+                if transform == "sigmoid":
+                    return jax.nn.sigmoid(out)
+                return out
+
+            jitted = jax.jit(apply)
+            self._cache[transform] = lambda x: jitted(self.params, x)
+        return self._cache[transform]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Bundle:
+    """The three stages of the pipeline, loaded."""
+
+    spine: StageModel
+    scn: StageModel
+    seg: StageModel
+    path: Path | None = None
+
+
+def _factories() -> dict:
+    from verse_jax import models
+
+    return {
+        "spine_localization_net": models.spine_localization_net,
+        "vertebrae_localization_net": models.vertebrae_localization_net,
+        "vertebrae_segmentation_net": models.vertebrae_segmentation_net,
+    }
+
+
+def build_model(factory: str, factory_kwargs: dict) -> nn.Module:
+    """Linen module from a factory name (one of ``STAGE_FACTORIES``' values) and its kwargs."""
+    factories = _factories()
+    if factory not in factories:
+        raise BundleError(f"unknown network factory {factory!r}; known: {sorted(factories)}")
+    try:
+        return factories[factory](**factory_kwargs)
+    except (TypeError, ValueError, KeyError) as err:
+        raise BundleError(f"cannot build {factory}(**{factory_kwargs!r}): {err}") from err
+
+
+def abstract_params(model: nn.Module, crop_size, input_channels: int) -> Any:
+    """Shape/dtype tree of ``model``'s params for a ``(1, *crop_size, input_channels)`` input."""
+    x = jax.ShapeDtypeStruct((1, *map(int, crop_size), int(input_channels)), jnp.float32)
+    variables = jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.key(0), x)
+    return variables["params"]
+
+
+def _check_params(params: Any, expected: Any, where: str) -> None:
+    """Raise BundleError listing missing, unexpected and wrongly shaped parameters."""
+    got = traverse_util.flatten_dict(serialization.to_state_dict(params), sep="/")
+    want = traverse_util.flatten_dict(serialization.to_state_dict(expected), sep="/")
+    problems = [f"missing {k} {tuple(want[k].shape)}" for k in sorted(set(want) - set(got))]
+    problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
+    problems += [
+        f"{k}: shape {tuple(np.shape(got[k]))}, network expects {tuple(want[k].shape)}"
+        for k in sorted(set(got) & set(want))
+        if tuple(np.shape(got[k])) != tuple(want[k].shape)
+    ]
+    if problems:
+        more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
+        raise BundleError(
+            f"{where}: parameters do not match the network config: "
+            + "; ".join(problems[:_MAX_LISTED])
+            + more
+        )
+
+
+def _unwrap_params(params: Any) -> Any:
+    """Accept both ``variables`` ({"params": tree}) and the bare params tree."""
+    if isinstance(params, dict) and set(params) == {"params"}:
+        return params["params"]
+    return params
+
+
+def _grid_dict(grid: Any, where: str) -> dict:
+    if isinstance(grid, StageGrid):
+        grid = dataclasses.asdict(grid)
+    try:
+        out = {
+            "spacing_mm": float(grid["spacing_mm"]),
+            "crop_size": [int(v) for v in grid["crop_size"]],
+            "smoothing_mm": float(grid["smoothing_mm"]),
+        }
+    except (KeyError, TypeError, ValueError) as err:
+        raise BundleError(
+            f"{where}: bad grid {grid!r} ({err!r}); need spacing_mm, "
+            "crop_size [x, y, z], smoothing_mm"
+        ) from err
+    if len(out["crop_size"]) != 3 or min(out["crop_size"]) < 1 or out["spacing_mm"] <= 0:
+        raise BundleError(
+            f"{where}: bad grid {grid!r}: crop_size must be 3 positive ints, spacing_mm > 0"
+        )
+    return out
+
+
+def _write_dir_atomic(out_dir: Path, fill) -> Path:
+    """Fill a temporary sibling directory with ``fill(tmp)``, then move it to ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out_dir
+
+
+def export_stage(
+    out_dir,
+    *,
+    stage,
+    factory,
+    factory_kwargs,
+    params,
+    grid,
+    num_landmarks,
+    input_channels,
+    sigmas=None,
+    extra=None,
+) -> Path:
+    """Write one stage export (``stage.json``, ``params.msgpack``, SCN ``sigmas.npy``) atomically.
+
+    Args:
+        out_dir: directory to create (replaced if it exists).
+        stage: ``"spine"``, ``"scn"`` or ``"seg"``.
+        factory: network factory name, e.g. ``"vertebrae_localization_net"``.
+        factory_kwargs: JSON-serialisable kwargs for the factory, e.g. ``{"preset": "demo"}``.
+        params: params pytree (or ``{"params": tree}``); checked against the network config.
+        grid: ``{"spacing_mm", "crop_size" (x, y, z), "smoothing_mm"}`` or a :class:`StageGrid`.
+        num_landmarks: K (25 or 26).
+        input_channels: 1 (spine, SCN) or 2 (segmentation: CT, centroid heatmap).
+        sigmas: SCN only, ``(K,)`` heatmap sigmas in voxels of the stage grid.
+        extra: free JSON-serialisable metadata (training run, metrics, ...).
+
+    Returns:
+        ``Path(out_dir)``.
+    """
+    where = f"export of stage {stage!r} to {out_dir}"
+    if stage not in STAGES:
+        raise BundleError(f"{where}: stage must be one of {STAGES}")
+    meta = {
+        "format": STAGE_FORMAT,
+        "version": FORMAT_VERSION,
+        "stage": stage,
+        "network": {"factory": factory, "kwargs": dict(factory_kwargs)},
+        "grid": _grid_dict(grid, where),
+        "num_landmarks": int(num_landmarks),
+        "input_channels": int(input_channels),
+        "extra": dict(extra or {}),
+    }
+    params = jax.device_get(_unwrap_params(params))
+    model = build_model(factory, meta["network"]["kwargs"])
+    _check_params(params, abstract_params(model, meta["grid"]["crop_size"], input_channels), where)
+    if stage == "scn":
+        if sigmas is None:
+            raise BundleError(f"{where}: the SCN stage needs sigmas ({num_landmarks},)")
+        sigmas = np.asarray(sigmas, np.float32)
+        if sigmas.shape != (int(num_landmarks),):
+            raise BundleError(f"{where}: sigmas shape {sigmas.shape}, expected ({num_landmarks},)")
+    text = json.dumps(meta, indent=2)
+    data = serialization.to_bytes(params)
+
+    def fill(tmp: Path) -> None:
+        (tmp / "stage.json").write_text(text)
+        (tmp / "params.msgpack").write_bytes(data)
+        if sigmas is not None:
+            np.save(tmp / "sigmas.npy", np.asarray(sigmas, np.float32))
+
+    return _write_dir_atomic(Path(out_dir), fill)
+
+
+def _read_json(path: Path, fmt: str) -> dict:
+    if not path.is_file():
+        raise BundleError(f"{path}: missing ({fmt} expects this file)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise BundleError(f"{path}: format is {got!r}, expected {fmt!r}")
+    if meta.get("version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: {fmt} version {meta.get('version')!r} is not supported "
+            f"(this verse-jax reads version {FORMAT_VERSION})"
+        )
+    return meta
+
+
+def load_stage(path) -> StageModel:
+    """Load and check one stage export.
+
+    Raises:
+        BundleError: missing directory/files, wrong format or version, unknown factory, unreadable
+            params, params whose tree or shapes differ from the network config, bad SCN sigmas.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: stage export directory not found")
+    meta_path = path / "stage.json"
+    meta = _read_json(meta_path, STAGE_FORMAT)
+    try:
+        stage = meta["stage"]
+        factory = meta["network"]["factory"]
+        kwargs = dict(meta["network"]["kwargs"])
+        num_landmarks = int(meta["num_landmarks"])
+        input_channels = int(meta["input_channels"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise BundleError(f"{meta_path}: missing or bad field {err}") from err
+    if stage not in STAGES:
+        raise BundleError(f"{meta_path}: stage {stage!r} is not one of {STAGES}")
+    grid_dict = _grid_dict(meta.get("grid"), str(meta_path))
+    grid = StageGrid(**{**grid_dict, "crop_size": tuple(grid_dict["crop_size"])})
+    model = build_model(factory, kwargs)
+    params_path = path / "params.msgpack"
+    if not params_path.is_file():
+        raise BundleError(f"{params_path}: missing (stage parameters)")
+    try:
+        params = serialization.msgpack_restore(params_path.read_bytes())
+    except Exception as err:  # msgpack raises several unrelated types on corrupt bytes
+        raise BundleError(f"{params_path}: cannot read parameters ({err!r})") from err
+    _check_params(params, abstract_params(model, grid.crop_size, input_channels), str(params_path))
+    sigmas = None
+    if stage == "scn":
+        sigmas_path = path / "sigmas.npy"
+        if not sigmas_path.is_file():
+            raise BundleError(f"{sigmas_path}: missing (SCN sigmas)")
+        sigmas = np.load(sigmas_path)
+        if sigmas.shape != (num_landmarks,):
+            raise BundleError(f"{sigmas_path}: shape {sigmas.shape}, expected ({num_landmarks},)")
+    return StageModel(
+        stage=stage,
+        model=model,
+        params=jax.tree.map(jnp.asarray, params),
+        grid=grid,
+        num_landmarks=num_landmarks,
+        input_channels=input_channels,
+        factory=factory,
+        factory_kwargs=kwargs,
+        sigmas=sigmas,
+        extra=dict(meta.get("extra") or {}),
+        path=path,
+    )
+
+
+def make_bundle(out_dir, *, spine, scn, seg) -> Path:
+    """Copy three stage exports into one bundle directory (atomic); each is checked first."""
+    sources = {"spine": Path(spine), "scn": Path(scn), "seg": Path(seg)}
+    for name, src in sources.items():
+        stage = load_stage(src)
+        if stage.stage != name:
+            raise BundleError(f"{src}: is a {stage.stage!r} stage export, given as {name!r}")
+    meta = {"format": BUNDLE_FORMAT, "version": FORMAT_VERSION, "stages": {s: s for s in STAGES}}
+
+    def fill(tmp: Path) -> None:
+        for name, src in sources.items():
+            shutil.copytree(src, tmp / name)
+        (tmp / "bundle.json").write_text(json.dumps(meta, indent=2))
+
+    return _write_dir_atomic(Path(out_dir), fill)
+
+
+def load_bundle(path) -> Bundle:
+    """Load a bundle directory (``bundle.json`` + three stage exports), checking everything."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: model bundle directory not found")
+    meta_path = path / "bundle.json"
+    meta = _read_json(meta_path, BUNDLE_FORMAT)
+    stages = meta.get("stages")
+    if not isinstance(stages, dict) or set(stages) != set(STAGES):
+        raise BundleError(
+            f"{meta_path}: 'stages' must map {list(STAGES)} to directories, got {stages!r}"
+        )
+    loaded = {}
+    for name in STAGES:
+        stage = load_stage(path / stages[name])
+        if stage.stage != name:
+            raise BundleError(
+                f"{path / stages[name]}: is a {stage.stage!r} stage, "
+                f"bundle.json lists it as {name!r}"
+            )
+        loaded[name] = stage
+    if loaded["scn"].num_landmarks != loaded["seg"].num_landmarks:
+        raise BundleError(
+            f"{path}: SCN has {loaded['scn'].num_landmarks} landmarks, "
+            f"segmentation stage {loaded['seg'].num_landmarks}"
+        )
+    return Bundle(**loaded, path=path)
+
+
+def random_params(abstract: Any, seed: int) -> Any:
+    """Random params for a shape tree: kernels He normal (std sqrt(2 / fan_in)), biases 0 (numpy).
+
+    Filled on the host so that no initialiser has to be compiled (XLA compiles ``model.init`` of
+    even a tiny U-Net for 10+ s on a CPU). Unlike the models' own init, output heads are not scaled
+    down, so random networks give non-trivial outputs.
+    """
+    rng = np.random.default_rng(seed)
+    flat = traverse_util.flatten_dict(serialization.to_state_dict(abstract))
+    out = {}
+    for path, leaf in flat.items():
+        shape = tuple(leaf.shape)
+        if path[-1] == "kernel" and len(shape) > 1:
+            std = np.sqrt(2.0 / max(1, int(np.prod(shape[:-1]))))
+            out[path] = (rng.standard_normal(shape) * std).astype(np.float32)
+        else:
+            out[path] = np.zeros(shape, np.float32)
+    return traverse_util.unflatten_dict(out)
+
+
+def random_bundle(
+    out_dir, preset="tiny", seed=0, grids=None, num_landmarks=25, network_kwargs=None
+) -> Path:
+    """Export a bundle of randomly initialised networks (tests, benchmarks); see random_params.
+
+    Args:
+        out_dir: bundle directory to write.
+        preset: network preset of all three factories (``"tiny"``, ``"demo"``, ``"paper"``).
+        seed: seed of the random parameters.
+        grids: optional ``{stage: grid dict}`` overriding :data:`PAPER_GRIDS` per stage.
+        num_landmarks: K of the SCN and of the bundle.
+        network_kwargs: extra factory kwargs for all three networks, e.g. ``{"conv_impl": "lax"}``.
+    """
+    out_dir = Path(out_dir)
+    grids = {**PAPER_GRIDS, **(grids or {})}
+    stage_dir = out_dir.parent / f".{out_dir.name}.stages-{uuid.uuid4().hex[:8]}"
+    try:
+        for offset, stage in enumerate(STAGES):
+            kwargs = {"preset": preset, **(network_kwargs or {})}
+            if stage == "scn":
+                kwargs["num_landmarks"] = num_landmarks
+            model = build_model(STAGE_FACTORIES[stage], kwargs)
+            grid = _grid_dict(grids[stage], f"random_bundle grid {stage!r}")
+            shapes = abstract_params(model, grid["crop_size"], STAGE_CHANNELS[stage])
+            export_stage(
+                stage_dir / stage,
+                stage=stage,
+                factory=STAGE_FACTORIES[stage],
+                factory_kwargs=kwargs,
+                params=random_params(shapes, seed * len(STAGES) + offset),
+                grid=grid,
+                num_landmarks=num_landmarks,
+                input_channels=STAGE_CHANNELS[stage],
+                sigmas=np.full((num_landmarks,), 4.0, np.float32) if stage == "scn" else None,
+                extra={"random": True, "seed": seed},
+            )
+        return make_bundle(out_dir, **{s: stage_dir / s for s in STAGES})
+    finally:
+        shutil.rmtree(stage_dir, ignore_errors=True)
