@@ -171,6 +171,21 @@ def test_multi_member_gzip_is_read(tmp_path):
     np.testing.assert_array_equal(io.read_volume(tmp_path / "two.nii.gz").array, array)
 
 
+def test_writes_are_atomic_and_checked(tmp_path):
+    volume = Volume(np.zeros((2, 3, 4), np.int16), _geometry("LPS", size=(2, 3, 4)))
+    with pytest.raises(io.VerseFormatError, match="nofolder.*does not exist"):
+        io.write_volume(tmp_path / "nofolder" / "ct.nii.gz", volume)
+    with pytest.raises(io.VerseFormatError, match="ct.unknownformat"):
+        io.write_volume(tmp_path / "ct.unknownformat", volume)
+    centroids = io.Centroids(np.array([1]), np.zeros((1, 3)))
+    with pytest.raises(io.VerseFormatError, match="nofolder"):
+        io.write_centroids(tmp_path / "nofolder" / "ctd.json", centroids, volume.geometry)
+    io.write_volume(tmp_path / "ct.nii.gz", volume)
+    io.write_volume(tmp_path / "ct.nii.gz", Volume(volume.array + 1, volume.geometry))  # replace
+    assert [p.name for p in tmp_path.iterdir()] == ["ct.nii.gz"]
+    assert np.all(io.read_volume(tmp_path / "ct.nii.gz").array == 1)
+
+
 def test_check_same_grid():
     geometry = _geometry("oblique")
     io.check_same_grid(geometry, geometry, "same_msk.nii.gz")
@@ -208,15 +223,8 @@ def test_centroids_round_trip(tmp_path, name):
     io.write_centroids(path, centroids, geometry)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     entries = json.loads(path.read_text())
-    assert entries[0] == {
-        "direction": list(
-            ("R", "A", "S")
-            if name == "RAS"
-            else ("L", "P", "S")
-            if name == "LPS"
-            else ("P", "I", "R")
-        )
-    }
+    codes = {"RAS": "RAS", "LPS": "LPS", "PIR": "PIR", "oblique": "PIR"}[name]
+    assert entries[0] == {"direction": list(codes)}
     back = io.read_centroids(path, geometry)
     np.testing.assert_array_equal(back.labels, centroids.labels)
     assert back.labels.dtype == np.int64
@@ -274,6 +282,26 @@ def test_sample_centroids_in_other_orientations(tmp_path, verse_sample, codes):
     np.testing.assert_allclose(back.points_mm, reference.points_mm, atol=1e-6)
 
 
+def test_sample_centroids_as_verse19_json(tmp_path, verse_sample):
+    # The sample's centroids written by hand in the VerSe'19 mm flavour (oblique PIR scan).
+    mask = io.read_mask(verse_sample / "sub-verse004_seg-vert_msk.nii.gz")
+    reference = io.read_centroids(verse_sample / "sub-verse004_seg-subreg_ctd.json", mask.geometry)
+    record = reorientation_to_codes(mask.geometry, ("L", "P", "S"))
+    rai = record.geometry  # the RAI (identity-oriented) image; internal mm = index * spacing
+    internal_mm = record.from_original_index(mask.geometry.physical_to_index(reference.points_mm))
+    internal_mm = internal_mm * np.array(rai.spacing_mm)
+    height_mm = rai.size[2] * rai.spacing_mm[2]
+    entries = [
+        {"label": int(label), "X": height_mm - z, "Y": y, "Z": x}
+        for label, (x, y, z) in zip(reference.labels, internal_mm.tolist(), strict=True)
+    ]
+    (tmp_path / "verse004_ctd.json").write_text(json.dumps(entries))
+    centroids = io.read_centroids(tmp_path / "verse004_ctd.json", mask.geometry)
+    np.testing.assert_allclose(centroids.points_mm, reference.points_mm, atol=1e-6)
+    index = np.rint(mask.geometry.physical_to_index(centroids.points_mm)).astype(np.int64)
+    np.testing.assert_array_equal(mask.array[tuple(index.T)], centroids.labels)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -285,6 +313,8 @@ def test_sample_centroids_in_other_orientations(tmp_path, verse_sample, codes):
         ('[{"label": 3, "X": NaN, "Y": 2, "Z": 3}]', "bad coordinate nan"),
         ('[{"label": 3, "X": "1", "Y": 2, "Z": 3}]', "bad coordinate '1'"),
         ('[{"label": 2.5, "X": 1, "Y": 2, "Z": 3}]', "non-integer label"),
+        ('[{"label": NaN, "X": 1, "Y": 2, "Z": 3}]', "non-integer label"),
+        ('[{"label": true, "X": 1, "Y": 2, "Z": 3}]', "non-integer label"),
         ('[{"direction": ["P", "I", "X"]}]', "unknown axis code"),
         ('[{"direction": ["P", "A", "R"]}]', "exactly once"),
         ('[{"direction": "PIR"}]', "bad direction"),

@@ -155,15 +155,6 @@ def read_volume(path) -> Volume:
     path = Path(path)
     image = _read_sitk(path)
     _check_nifti_complete(path)
-    if image.GetDimension() != 3:
-        raise VerseFormatError(
-            f"{path}: expected a 3-D image, got {image.GetDimension()}-D of size {image.GetSize()}"
-        )
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise VerseFormatError(
-            f"{path}: expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} "
-            "components per voxel"
-        )
     try:
         return volume_from_sitk(image)
     except ValueError as error:
@@ -177,8 +168,9 @@ def _as_labels(array: np.ndarray, path) -> np.ndarray:
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(np.isfinite(array)):
             raise VerseFormatError(f"{path}: mask holds non-finite values")
-        if np.any(array != np.round(array)):
-            bad = array[array != np.round(array)].flat[0]
+        fractional = array != np.round(array)
+        if np.any(fractional):
+            bad = array[fractional].flat[0]
             raise VerseFormatError(f"{path}: mask holds non-integer label values (e.g. {bad})")
     elif not np.issubdtype(array.dtype, np.integer):
         raise VerseFormatError(f"{path}: mask pixel type {array.dtype} is not numeric")
@@ -239,17 +231,17 @@ def write_mask(path, volume: Volume) -> None:
 def check_same_grid(image_geometry: Geometry, mask_geometry: Geometry, path) -> None:
     """Raise VerseFormatError naming ``path`` if the mask grid differs from the image grid.
 
-    Sizes must match exactly; spacing and direction within 1e-4 (relative / absolute), origin
-    within 1e-4 of the largest spacing.
+    Sizes must match exactly; spacing within 1e-4 relative, direction within 1e-4, origin within
+    1e-4 relative plus 1e-4 of the largest spacing (NIfTI stores origins as float32).
     """
     a, b = image_geometry, mask_geometry
-    tolerance = 1e-4 * max(max(a.spacing_mm), 1.0)
+    tolerance = 1e-4 * max(a.spacing_mm)
     problems = []
     if a.size != b.size:
         problems.append(f"size {b.size} != {a.size}")
     if not np.allclose(b.spacing_mm, a.spacing_mm, rtol=1e-4, atol=0.0):
         problems.append(f"spacing {b.spacing_mm} != {a.spacing_mm}")
-    if not np.allclose(b.origin_mm, a.origin_mm, rtol=0.0, atol=tolerance):
+    if not np.allclose(b.origin_mm, a.origin_mm, rtol=1e-4, atol=tolerance):
         problems.append(f"origin {b.origin_mm} != {a.origin_mm}")
     if not np.allclose(b.direction, a.direction, rtol=0.0, atol=1e-4):
         problems.append(f"direction {b.direction} != {a.direction}")
@@ -314,18 +306,18 @@ def _parse_entry(entry, path: Path, position: int) -> tuple[int, tuple[float, fl
     if missing:
         raise VerseFormatError(f"{path}: entry {position} misses keys {missing}: {entry!r}")
     label, coords = entry["label"], [entry[key] for key in ("X", "Y", "Z")]
-    if isinstance(label, bool) or not isinstance(label, int | float) or label != int(label):
+    if not _is_finite_number(label) or label != int(label):
         raise VerseFormatError(f"{path}: entry {position} has a non-integer label {label!r}")
     if int(label) not in label_ids.VALID_LABELS:
         raise VerseFormatError(f"{path}: entry {position} has unknown VerSe label id {label}")
     for value in coords:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
+        if not _is_finite_number(value):
             raise VerseFormatError(f"{path}: entry {position} has a bad coordinate {value!r}")
     return int(label), tuple(float(v) for v in coords)
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _verse19_to_reoriented_index(coords: np.ndarray, reoriented: Geometry) -> np.ndarray:
