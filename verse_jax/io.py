@@ -487,9 +487,8 @@ def find_cases(root) -> list[Case]:
     """Discover the scans of a data set folder, sorted by case id.
 
     Layouts:
-        * MICCAI (VerSe'19): ``root/verseNNN.nii.gz``, ``verseNNN_seg.nii.gz``,
-          ``verseNNN_ctd.json``;
-          case id ``verseNNN``.
+        * MICCAI (VerSe'19): ``root/verseNNN.nii.gz`` (any name ending in a digit),
+          ``verseNNN_seg.nii.gz``, ``verseNNN_ctd.json``; case id ``verseNNN``.
         * BIDS (re-release, phantoms): ``root/rawdata/sub-<id>[/ses-*]/sub-<id>[_...]_ct.nii.gz``,
           ``root/derivatives/sub-<id>/.../<prefix>_seg-vert_msk.nii.gz`` and
           ``<prefix>_seg-subreg_ctd.json``; case id = file prefix without ``sub-`` (``<id>[_...]``).
