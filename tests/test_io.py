@@ -83,6 +83,18 @@ def test_mask_round_trip_dtypes(tmp_path, name):
     np.testing.assert_array_equal(io.read_mask(tmp_path / "large.nii.gz").array, labels)
 
 
+def test_sample_mask_round_trip(tmp_path, verse_sample):
+    # Real oblique float64 mask: labels and geometry survive write_mask -> read_mask (NIfTI keeps
+    # the direction to float32 precision; ITK re-orthonormalises it to ~1e-10).
+    mask = io.read_mask(verse_sample / "sub-verse004_seg-vert_msk.nii.gz")
+    assert sorted(np.unique(mask.array).tolist()) == [0, *range(16, 25)]
+    io.write_mask(tmp_path / "msk.nii.gz", mask)
+    back = io.read_mask(tmp_path / "msk.nii.gz")
+    np.testing.assert_array_equal(back.array, mask.array)
+    _assert_same_geometry(back.geometry, mask.geometry, atol=1e-8)
+    io.check_same_grid(mask.geometry, back.geometry, "msk.nii.gz")
+
+
 def test_float_mask_is_read_as_labels_and_fractions_refused(tmp_path):
     geometry = _geometry("PIR")
     labels = np.random.default_rng(2).integers(0, 25, size=geometry.size).astype(np.float64)
