@@ -30,6 +30,12 @@ def _geometry(name, size=(6, 7, 8)):
     return Geometry(size, (0.7, 1.3, 2.1), (10.123456789, -20.5, 33.3), direction)
 
 
+@pytest.fixture(scope="module")
+def sample_mask(verse_sample) -> Volume:
+    """The real VerSe mask (oblique PIR grid, float64 on disk, labels 16..24)."""
+    return io.read_mask(verse_sample / "sub-verse004_seg-vert_msk.nii.gz")
+
+
 def _assert_same_geometry(a: Geometry, b: Geometry, atol=1e-5):
     assert a.size == b.size
     np.testing.assert_allclose(a.spacing_mm, b.spacing_mm, atol=atol)
@@ -83,10 +89,10 @@ def test_mask_round_trip_dtypes(tmp_path, name):
     np.testing.assert_array_equal(io.read_mask(tmp_path / "large.nii.gz").array, labels)
 
 
-def test_sample_mask_round_trip(tmp_path, verse_sample):
+def test_sample_mask_round_trip(tmp_path, sample_mask):
     # Real oblique float64 mask: labels and geometry survive write_mask -> read_mask (NIfTI keeps
     # the direction to float32 precision; ITK re-orthonormalises it to ~1e-10).
-    mask = io.read_mask(verse_sample / "sub-verse004_seg-vert_msk.nii.gz")
+    mask = sample_mask
     assert sorted(np.unique(mask.array).tolist()) == [0, *range(16, 25)]
     io.write_mask(tmp_path / "msk.nii.gz", mask)
     back = io.read_mask(tmp_path / "msk.nii.gz")
@@ -277,10 +283,35 @@ def test_verse19_centroids_known_answer(tmp_path, name, json_xyz, offset_mm):
     np.testing.assert_allclose(geometry.physical_to_index(centroids.points_mm[0]), (2, 3, 4))
 
 
+def test_sample_centroids_lie_on_their_labels(verse_sample, sample_mask):
+    # BIDS JSON: direction ["P", "I", "R"], voxel coordinates; the scan is oblique.
+    assert sample_mask.array.dtype == np.uint16
+    json_path = verse_sample / "sub-verse004_seg-subreg_ctd.json"
+    centroids = io.read_centroids(json_path, sample_mask.geometry)
+    assert centroids.labels.tolist() == list(range(16, 25))
+    index = np.rint(sample_mask.geometry.physical_to_index(centroids.points_mm)).astype(np.int64)
+    np.testing.assert_array_equal(sample_mask.array[tuple(index.T)], centroids.labels)
+    entries = json.loads(json_path.read_text())[1:]
+    np.testing.assert_allclose(
+        sample_mask.geometry.physical_to_index(centroids.points_mm),
+        [[e["X"], e["Y"], e["Z"]] for e in entries],
+        atol=1e-9,
+    )
+
+
+@pytest.mark.parametrize("codes", ["LPS", "RAS", "IRA", "SAL"])
+def test_reorientation_matches_itk_dicom_orient(sample_mask, codes):
+    # Independent check of the permute/flip (and its geometry) against ITK's DICOMOrient filter.
+    ours = reorientation_to_codes(sample_mask.geometry, tuple(codes)).apply(sample_mask)
+    itk = io.volume_from_sitk(sitk.DICOMOrient(io.volume_to_sitk(sample_mask), codes))
+    np.testing.assert_array_equal(ours.array, itk.array)
+    _assert_same_geometry(ours.geometry, itk.geometry, atol=1e-9)
+
+
 @pytest.mark.parametrize("codes", [("L", "P", "S"), ("R", "A", "S"), ("I", "R", "A")])
-def test_sample_centroids_in_other_orientations(tmp_path, verse_sample, codes):
+def test_sample_centroids_in_other_orientations(tmp_path, verse_sample, sample_mask, codes):
     # The same scan stored in another orientation: the PIR JSON must still land on its labels.
-    mask = io.read_mask(verse_sample / "sub-verse004_seg-vert_msk.nii.gz")
+    mask = sample_mask
     json_path = verse_sample / "sub-verse004_seg-subreg_ctd.json"
     reference = io.read_centroids(json_path, mask.geometry)
     moved = reorientation_to_codes(mask.geometry, codes).apply(mask)
@@ -294,9 +325,9 @@ def test_sample_centroids_in_other_orientations(tmp_path, verse_sample, codes):
     np.testing.assert_allclose(back.points_mm, reference.points_mm, atol=1e-6)
 
 
-def test_sample_centroids_as_verse19_json(tmp_path, verse_sample):
+def test_sample_centroids_as_verse19_json(tmp_path, verse_sample, sample_mask):
     # The sample's centroids written by hand in the VerSe'19 mm flavour (oblique PIR scan).
-    mask = io.read_mask(verse_sample / "sub-verse004_seg-vert_msk.nii.gz")
+    mask = sample_mask
     reference = io.read_centroids(verse_sample / "sub-verse004_seg-subreg_ctd.json", mask.geometry)
     record = reorientation_to_codes(mask.geometry, ("L", "P", "S"))
     rai = record.geometry  # the RAI (identity-oriented) image; internal mm = index * spacing

@@ -117,7 +117,9 @@ def closest_axes(direction) -> tuple[tuple[int, int, int], tuple[int, int, int]]
 
     The matrix is first orthogonalised (polar decomposition), then index axes are assigned, in
     order x, y, z, to the world axis with the largest absolute cosine among those not yet taken
-    (the rule nibabel's ``io_orientation`` uses, so the axis codes match VerSe's JSON files).
+    (the rule nibabel's ``io_orientation`` uses; VerSe's BIDS centroid files were made with it).
+    ITK's DICOMOrient takes the largest cosine overall first; the two agree except for directions
+    far from any permutation (near-ties between two world axes).
 
     Args:
         direction: 9 floats (row-major) or a (3, 3) matrix, columns = index axes.
