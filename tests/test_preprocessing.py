@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from verse_jax import io
 from verse_jax.geometry import Geometry, Volume, physical_bounding_grid
 from verse_jax.preprocessing import normalize_ct, resample, smooth_mm, to_stage_grid
 
@@ -92,3 +93,16 @@ def test_to_stage_grid_range_and_air():
     air_volume = Volume(np.full((5, 5, 5), -1024, np.int16), air_grid)
     air = to_stage_grid(air_volume, spacing_mm=2.0, smoothing_mm=3.0)
     np.testing.assert_allclose(air.array, -0.5, atol=1e-6)
+
+
+def test_to_stage_grid_on_real_ct(verse_sample):
+    ct = io.read_volume(verse_sample / "sub-verse004_0000_vertebra_21_im.nii.gz")
+    # At the input spacing (1 mm, identity) and no smoothing, the stage grid is the input grid.
+    same = to_stage_grid(ct, spacing_mm=1.0, smoothing_mm=0.0)
+    assert same.geometry.size == ct.geometry.size
+    np.testing.assert_allclose(same.geometry.origin_mm, ct.geometry.origin_mm, atol=1e-9)
+    np.testing.assert_allclose(same.array, normalize_ct(ct.array), atol=1e-6)
+    coarse = to_stage_grid(ct, spacing_mm=2.0, smoothing_mm=0.75)
+    assert coarse.geometry.size == (51, 45, 38)
+    assert coarse.array.min() >= -1.0 and coarse.array.max() <= 1.0
+    assert 0.3 < coarse.array.max() < normalize_ct(ct.array).max()  # bone survives, smoothed

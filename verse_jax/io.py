@@ -121,8 +121,9 @@ def _check_nifti_complete(path: Path) -> None:
     name = path.name.lower()
     if path.is_dir() or not name.endswith((".nii", ".nii.gz")):
         return
-    compressed = name.endswith(".gz")
     try:
+        with path.open("rb") as stream:
+            compressed = stream.read(2) == b"\x1f\x8b"  # gzip magic, whatever the name says
         with gzip.open(path, "rb") if compressed else path.open("rb") as stream:
             end = _nifti_data_end(stream.read(544))
     except (OSError, EOFError, zlib.error) as error:
