@@ -64,6 +64,10 @@ def test_axis_aligned_centre():
 def test_geometry_rejects_bad_values():
     with pytest.raises(ValueError, match="size"):
         Geometry((0, 2, 2), (1, 1, 1), (0, 0, 0))
+    with pytest.raises(ValueError, match="integers"):
+        Geometry((2.5, 2, 2), (1, 1, 1), (0, 0, 0))
+    with pytest.raises(ValueError, match="singular"):
+        Geometry((2, 2, 2), (1, 1, 1), (0, 0, 0), (1, 0, 0, 1, 0, 0, 0, 0, 1))
     with pytest.raises(ValueError, match="spacing"):
         Geometry((2, 2, 2), (1, -1, 1), (0, 0, 0))
     with pytest.raises(ValueError, match="shape"):

@@ -34,7 +34,10 @@ class Geometry:
     direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
     def __post_init__(self):
-        size = tuple(int(s) for s in np.asarray(self.size).reshape(-1))
+        size_arr = np.asarray(self.size).reshape(-1)
+        size = tuple(int(s) for s in size_arr)
+        if not np.array_equal(size_arr, size):
+            raise ValueError(f"Geometry size must be integers, got {self.size}")
         spacing = tuple(float(s) for s in np.asarray(self.spacing_mm, np.float64).reshape(-1))
         origin = tuple(float(s) for s in np.asarray(self.origin_mm, np.float64).reshape(-1))
         direction = tuple(float(s) for s in np.asarray(self.direction, np.float64).reshape(-1))
