@@ -96,7 +96,7 @@ class Geometry:
         return self.index_to_physical(corners)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # array field: compare arrays explicitly
 class Volume:
     """An image array with its grid.
 

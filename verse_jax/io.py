@@ -254,7 +254,7 @@ def check_same_grid(image_geometry: Geometry, mask_geometry: Geometry, path) -> 
 # Centroids
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # array fields: compare arrays explicitly
 class Centroids:
     """Vertebra centroids.
 
