@@ -1,0 +1,625 @@
+"""Synthetic spine anatomy for the phantoms: a curved spine built from implicit shapes in mm.
+
+Everything here lives in the LPS world (+x patient left, +y posterior, +z superior), in mm.
+A vertebra has a local frame at its body centre with axes ``u`` (towards the patient's left),
+``v`` (posterior) and ``w`` (superior, along the spine's centreline). Each part of the anatomy is
+a :class:`Shape`: an approximate signed distance function (negative inside, mm) in a local frame,
+with a local bounding box, a tissue and, for vertebrae, its VerSe id. ``verse_jax.phantoms``
+evaluates the shapes at the physical position of every voxel of an output grid.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from verse_jax.labels import T13
+
+# Level positions (0 = C1 ... 6 = C7, 7 = T1 ... 18 = T12, 19 = L1 ... 23 = L5) used to interpolate
+# per-level dimensions; T13 and L6 get in-between / extrapolated positions.
+_LEVEL = {**{i: float(i - 1) for i in range(1, 25)}, T13: 18.6, 25: 23.8}
+
+# fmt: off
+# Anchors (level position, value) of vertebra dimensions in mm, linearly interpolated:
+# body half-width a, half-depth b, half-height h; disc height below; canal radii; arch thickness;
+# spinous process length, downward angle and vertical radius; transverse process tip (u, v), radius.
+_DIMS = {
+    "a": ((1, 8.0), (2, 8.5), (6, 11), (7, 12), (12, 14), (18, 19), (19, 20), (23, 24)),
+    "b": ((1, 7.5), (2, 7.5), (6, 8), (7, 8.5), (12, 12), (18, 15), (19, 16), (23, 17)),
+    "h": ((1, 8.5), (2, 6.5), (6, 7), (7, 8), (12, 9.5), (18, 11.5), (19, 12.5), (23, 13)),
+    "disc": ((1, 5), (6, 5), (7, 4), (12, 5), (18, 7), (19, 9), (23, 11)),
+    "canal_u": ((1, 12), (6, 12), (7, 9), (12, 8), (18, 10), (19, 11), (23, 12.5)),
+    "canal_v": ((1, 7.5), (6, 7.5), (7, 7.5), (12, 8), (18, 8.5), (23, 8.5)),
+    "arch": ((1, 3), (6, 3.2), (7, 4.5), (18, 5), (19, 6), (23, 6.5)),
+    "spine_len": ((1, 22), (2, 12), (5, 16), (6, 28), (7, 32), (12, 38), (18, 32), (19, 30),
+                  (23, 25)),
+    "spine_deg": ((1, 15), (5, 20), (6, 25), (7, 35), (12, 60), (18, 30), (19, 10), (23, 10)),
+    "spine_rw": ((1, 4.5), (6, 4), (7, 5), (18, 6), (19, 9), (23, 9)),
+    "tp_u": ((1, 24), (6, 28), (7, 36), (12, 32), (18, 22), (19, 32), (21, 45), (23, 40)),
+    "tp_v": ((0, -8), (6, -6), (7, 8), (18, 6), (19, -2), (23, -2)),
+    "tp_r": ((1, 3.5), (6, 3.5), (7, 5), (18, 4.5), (19, 4), (23, 4.5)),
+}
+# Rib cage per thoracic level: hemithorax ellipse centre (cx, cy) and radii (rx, ry) in the
+# vertebra's (u, v) plane, the end angle of the rib on that ellipse (deg) and its total drop (mm).
+_RIBS = {
+    "cx": ((7, 28), (8, 45), (10, 62), (13, 72), (15, 74), (16, 72), (17, 68), (18, 62), (19, 58)),
+    "cy": ((7, -5), (8, -10), (10, -16), (13, -20), (15, -20), (19, -18)),
+    "rx": ((7, 35), (8, 45), (10, 55), (13, 62), (15, 62), (16, 60), (17, 55), (18, 48), (19, 45)),
+    "ry": ((7, 40), (8, 60), (10, 85), (13, 95), (15, 95), (16, 90), (17, 80), (18, 68), (19, 60)),
+    "end_deg": ((7, -20), (8, -70), (10, -80), (13, -80), (14, -60), (15, -50), (16, -20),
+                (17, 20), (18, 60), (19, 80)),
+    "drop": ((7, 20), (8, 45), (10, 70), (13, 85), (15, 80), (16, 65), (17, 45), (18, 25),
+             (19, 15)),
+}
+# Body outline per level position: half-width, half-depth (mm) and the posterior offset (mm) of the
+# outline's centre from the spinal centreline (negative: the body centre is anterior of the spine).
+_BODY = ((-8, 60, 75, -10), (-5, 82, 100, -12), (-2, 75, 92, -15), (-0.5, 58, 60, -10),
+         (3, 58, 55, -10), (6, 75, 65, -10), (7, 150, 85, -30), (9, 155, 100, -40),
+         (13, 155, 105, -42), (18, 150, 110, -40), (21, 150, 112, -37), (23, 160, 110, -33),
+         (26, 175, 110, -25), (32, 175, 105, -20))
+# Sacral segments S1-S5: half-width, half-depth, half-height (mm).
+_SACRUM = ((25, 16, 12), (20, 13, 10), (15, 10, 8), (11, 8, 6), (8, 6, 5))
+# fmt: on
+
+
+def body_outline(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Body half-width, half-depth and centre offset (mm, each shaped like ``levels``)."""
+    table = np.array(_BODY, np.float64)
+    return tuple(np.interp(levels, table[:, 0], table[:, i]) for i in (1, 2, 3))
+
+
+def interpolate(table: dict, key: str, level: float) -> float:
+    """Value of a dimension table at a level position (linear, clamped at the ends)."""
+    anchors = np.array(table[key], np.float64)
+    return float(np.interp(level, anchors[:, 0], anchors[:, 1]))
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One implicit part of the anatomy.
+
+    Attributes:
+        kind: 'body' (elliptic cylinder), 'annulus' (elliptic ring), 'capsule' (anisotropic
+            capsule / ellipsoid) or 'shell' (ellipsoid shell with an optional hole).
+        origin_mm: (3,) frame origin, LPS mm.
+        rotation: (3, 3) columns = local axes (u, v, w) in the world.
+        params: kind-specific numbers (see ``signed_distance``), mm.
+        lo: (3,) lower corner of the local bounding box, mm.
+        hi: (3,) upper corner of the local bounding box, mm.
+        tissue: 'bone', 'disc', 'lung', 'gas' or 'vessel'.
+        label: VerSe id for vertebra parts, 0 otherwise.
+        hu: intensity for non-bone tissues (HU).
+    """
+
+    kind: str
+    origin_mm: np.ndarray
+    rotation: np.ndarray
+    params: tuple
+    lo: np.ndarray
+    hi: np.ndarray
+    tissue: str = "bone"
+    label: int = 0
+    hu: float = 0.0
+
+    def corners_mm(self, margin: float) -> np.ndarray:
+        """(8, 3) world corners of the local bounding box grown by ``margin`` mm."""
+        lo, hi = np.asarray(self.lo) - margin, np.asarray(self.hi) + margin
+        local = np.array(
+            [
+                [(lo, hi)[i][0], (lo, hi)[j][1], (lo, hi)[k][2]]
+                for i in (0, 1)
+                for j in (0, 1)
+                for k in (0, 1)
+            ]
+        )
+        return self.origin_mm + local @ self.rotation.T
+
+
+def _ellipse(u, v, ru, rv):
+    """Approximate signed distance (mm) to an axis-aligned ellipse (radial approximation)."""
+    scaled = np.sqrt((u / ru) ** 2 + (v / rv) ** 2)
+    return (scaled - 1.0) * min(ru, rv)
+
+
+def _capsule(u, v, w, p0, p1, radii):
+    """Signed distance to a capsule p0-p1 whose local axes are stretched by ``radii``."""
+    (a, b, c), (d, e, f) = (np.asarray(p0) / radii).tolist(), (np.asarray(p1) / radii).tolist()
+    u, v, w = u / float(radii[0]) - d, v / float(radii[1]) - e, w / float(radii[2]) - f
+    du, dv, dw = a - d, b - e, c - f
+    length2 = du * du + dv * dv + dw * dw
+    if length2 > 0:
+        t = np.clip((u * du + v * dv + w * dw) * (1.0 / length2), 0.0, 1.0)
+        u, v, w = u - t * du, v - t * dv, w - t * dw
+    return (np.sqrt(u * u + v * v + w * w) - 1.0) * float(min(radii))
+
+
+def signed_distance(shape: Shape, u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Approximate signed distance (mm, negative inside) of points to a shape.
+
+    Args:
+        shape: the shape.
+        u, v, w: float32 arrays (any one shape) of point coordinates in the shape's local frame
+            (mm along ``shape.rotation``'s columns from ``shape.origin_mm``).
+
+    Returns:
+        float32 signed distances in mm, shaped like ``u``.
+    """
+    p = shape.params
+    if shape.kind == "body":  # (a, b, h, waist, posterior cut)
+        a, b, h, waist, cut = p
+        scale = 1.0 - waist * (1.0 - np.minimum((w / h) ** 2, 1.0))
+        sdf = (np.sqrt((u / (a * scale)) ** 2 + (v / (b * scale)) ** 2) - 1.0) * (b * scale)
+        return np.maximum(np.maximum(sdf, np.abs(w) - h), v - cut)
+    if (
+        shape.kind == "annulus"
+    ):  # (v centre, inner u radius, inner v radius, thickness, h, w0, vmin)
+        vc, ru, rv, t, h, w0, vmin = p
+        outer = _ellipse(u, v - vc, ru + t, rv + t)
+        inner = _ellipse(u, v - vc, ru, rv)
+        sdf = np.maximum(np.maximum(outer, -inner), np.abs(w - w0) - h)
+        return np.maximum(sdf, vmin - v)
+    if shape.kind == "capsule":  # (p0, p1, radii)
+        return _capsule(u, v, w, *p)
+    if shape.kind == "shell":  # (radii, thickness, hole radius, hole v, hole w max)
+        radii, t, hole_r, hole_v, hole_w = p
+        scaled = np.sqrt((u / radii[0]) ** 2 + (v / radii[1]) ** 2 + (w / radii[2]) ** 2)
+        radial = np.sqrt(u * u + v * v + w * w) * (scaled - 1.0) / np.maximum(scaled, 1e-3)
+        hole = np.minimum(hole_r - np.sqrt(u**2 + (v - hole_v) ** 2), w - hole_w)
+        return np.maximum(np.abs(radial) - 0.5 * t, hole)
+    raise ValueError(f"unknown shape kind {shape.kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The spine: vertebra frames along a smooth curved centreline
+
+
+@dataclass(frozen=True)
+class Vertebra:
+    """One vertebra: VerSe id, level position, body-centre frame and its dimensions (mm)."""
+
+    label: int
+    level: float
+    center_mm: np.ndarray
+    rotation: np.ndarray
+    dims: dict
+
+    @property
+    def centroid_mm(self) -> np.ndarray:
+        """(3,) vertebral-body centre (C1: centre of the ring), LPS mm."""
+        if self.label != 1:
+            return self.center_mm
+        return self.center_mm + self.rotation[:, 1] * _c1_ring(self)[0]
+
+
+@dataclass(frozen=True)
+class Spine:
+    """A sampled spine.
+
+    Attributes:
+        vertebrae: C1 first, going inferior.
+        sacrum: (center_mm (3,), rotation (3, 3)) frames of S1..S5.
+        curve_mm: (M, 3) centreline samples from far above C1 to far below S5, LPS mm.
+        curve_level: (M,) level position of each sample (0 = C1, 23 = L5, continuous).
+        scale: overall size factor of this patient.
+    """
+
+    vertebrae: tuple
+    sacrum: tuple
+    curve_mm: np.ndarray
+    curve_level: np.ndarray
+    scale: float
+
+
+def vertebra_labels(extra: str = "none") -> list[int]:
+    """VerSe ids from C1 going inferior; ``extra`` is 'none', 'T13' or 'L6'."""
+    if extra not in ("none", "T13", "L6"):
+        raise ValueError(f"extra vertebra must be 'none', 'T13' or 'L6', got {extra!r}")
+    thoracic = list(range(8, 20)) + ([T13] if extra == "T13" else [])
+    return list(range(1, 8)) + thoracic + list(range(20, 25)) + ([25] if extra == "L6" else [])
+
+
+def _bump(t, t0, t1):
+    inside = (t > t0) & (t < t1)
+    return np.where(inside, np.sin(np.pi * (t - t0) / (t1 - t0)) ** 2, 0.0)
+
+
+def _curve_offsets(rng, t, marks) -> tuple[np.ndarray, np.ndarray]:
+    """Lateral (x) and posterior (y) offsets (mm) of the centreline at depths ``t`` below C1."""
+    c1, t1, l1, s1 = marks
+    y = (
+        -rng.uniform(-5, 20) * _bump(t, c1 - 20, t1)
+        + rng.uniform(10, 45) * _bump(t, t1 - 10, l1 + 10)
+        - rng.uniform(5, 35) * _bump(t, l1 - 10, s1 + 10)
+        + rng.uniform(-0.05, 0.05) * t
+    )
+    below = np.maximum(t - (s1 - 15), 0.0)
+    y = y + np.where(below < 60, 0.01 * below**2, 36 + 1.2 * (below - 60))
+    x = rng.uniform(-0.03, 0.03) * t
+    if rng.random() < 0.35:  # marked scoliosis: a primary and a compensating curve
+        start = rng.uniform(t1 - 40, l1 - 120)
+        mid = start + rng.uniform(120, 220)
+        amplitude = rng.choice([-1, 1]) * rng.uniform(12, 35)
+        x = x + amplitude * _bump(t, start, mid)
+        x = x - amplitude * rng.uniform(0.3, 0.7) * _bump(t, mid, mid + rng.uniform(100, 180))
+    else:
+        x = x + rng.uniform(-6, 6) * _bump(t, t1, s1)
+    return x, y
+
+
+def _frame(tangent_down: np.ndarray, twist_rad: float) -> np.ndarray:
+    """(3, 3) columns (u, v, w): w superior along the curve, v posterior, u = v x w (left)."""
+    w = -tangent_down / np.linalg.norm(tangent_down)
+    v = np.array([0.0, 1.0, 0.0]) - w[1] * w
+    v /= np.linalg.norm(v)
+    u = np.cross(v, w)
+    c, s = np.cos(twist_rad), np.sin(twist_rad)
+    return np.stack([c * u + s * v, -s * u + c * v, w], axis=1)
+
+
+def sample_spine(rng: np.random.Generator, extra: str = "none") -> Spine:
+    """Draw a spine: sizes, disc heights, curvature (lordosis, kyphosis, scoliosis), twist."""
+    scale = rng.uniform(0.88, 1.12)
+    labels = vertebra_labels(extra)
+    dims = []
+    for label in labels:
+        jitter = 1.0 + 0.03 * rng.standard_normal()
+        dims.append({k: interpolate(_DIMS, k, _LEVEL[label]) * scale * jitter for k in _DIMS})
+        dims[-1]["spine_deg"] /= scale * jitter
+    arc = [0.0, dims[1]["h"] + 12.0 * scale]
+    for k in range(1, len(labels) - 1):
+        arc.append(arc[-1] + dims[k]["h"] + dims[k]["disc"] + dims[k + 1]["h"])
+    sacral = [arc[-1] + dims[-1]["h"] + dims[-1]["disc"] + _SACRUM[0][2] * scale]
+    for j in range(1, len(_SACRUM)):
+        sacral.append(sacral[-1] + (_SACRUM[j - 1][2] + _SACRUM[j][2] - 1.0) * scale)
+    marks = (0.0, arc[labels.index(8)], arc[labels.index(20)], sacral[0])
+    t = np.arange(-300.0, sacral[-1] + 300.0, 0.5)
+    x, y = _curve_offsets(rng, t, marks)
+    curve = np.stack([x, y, -t], axis=1) + rng.uniform(-20, 20, 3) * (1, 1, 0)
+    steps = np.linalg.norm(np.diff(curve, axis=0), axis=1)
+    length = np.concatenate([[0.0], np.cumsum(steps)])
+    length -= np.interp(0.0, t, length)
+    tangent = np.gradient(curve, axis=0)
+
+    def frame_at(s, twist):
+        centre = np.array([np.interp(s, length, curve[:, i]) for i in range(3)])
+        down = np.array([np.interp(s, length, tangent[:, i]) for i in range(3)])
+        return centre, _frame(down, twist)
+
+    vertebrae = []
+    for label, s, d in zip(labels, arc, dims, strict=True):
+        twist = np.deg2rad(0.4 * np.interp(s, length, x) + rng.normal(0, 1.5))
+        centre, rotation = frame_at(s, twist)
+        vertebrae.append(Vertebra(label, _LEVEL[label], centre, rotation, d))
+    sacrum = tuple(frame_at(s, 0.0) for s in sacral)
+    levels = [_LEVEL[label] for label in labels] + [_LEVEL[labels[-1]] + 1 + j for j in range(5)]
+    anchors = np.array([-1e4, *arc, *sacral, 1e5])
+    anchor_levels = np.array([-1e4 / 18, *levels, levels[-1] + (1e5 - sacral[-1]) / 25])
+    return Spine(tuple(vertebrae), sacrum, curve, np.interp(length, anchors, anchor_levels), scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes of each structure
+
+
+def _capsule_shape(centre, rotation, p0, p1, radii, **kwargs) -> Shape:
+    p0, p1, radii = (np.asarray(x, np.float64) for x in (p0, p1, radii))
+    lo, hi = np.minimum(p0, p1) - radii, np.maximum(p0, p1) + radii
+    return Shape("capsule", centre, rotation, (p0, p1, radii), lo, hi, **kwargs)
+
+
+def _c1_ring(c1: Vertebra) -> tuple[float, float, float]:
+    """C1 ring centre (v, mm) and inner radii (u, v) in C1's frame."""
+    s = c1.dims["a"] / 8.0  # the patient's scale (C1's 'a' anchor is 8 mm)
+    front, back = -8.0 * s, 21.0 * s  # anterior arch behind the dens, posterior arch
+    return 0.5 * (front + back), 13.0 * s, 0.5 * (back - front)
+
+
+def _atlas_shapes(c1: Vertebra) -> list[Shape]:
+    c, r, label, s = c1.center_mm, c1.rotation, 1, c1.dims["a"] / 8.0
+    vr, ru, rv = _c1_ring(c1)
+    t = 4.5 * s
+    ring = Shape(
+        "annulus",
+        c,
+        r,
+        (vr, ru, rv, t, 5 * s, 0.0, -1e3),
+        np.array([-ru - t, vr - rv - t, -5 * s]),
+        np.array([ru + t, vr + rv + t, 5 * s]),
+        label=label,
+    )
+    shapes = [
+        ring,
+        _capsule_shape(
+            c, r, (0, vr + rv + t, 0), (0, vr + rv + t, 0), (4 * s, 4 * s, 6 * s), label=label
+        ),
+    ]
+    for side in (-1, 1):
+        mass = side * (ru + 1 * s), vr - 4 * s
+        shapes.append(
+            _capsule_shape(
+                c,
+                r,
+                (mass[0], mass[1], -4 * s),
+                (mass[0], mass[1], 4 * s),
+                (6 * s, 8 * s, 5 * s),
+                label=label,
+            )
+        )
+        shapes.append(
+            _capsule_shape(
+                c,
+                r,
+                (side * (ru + 3 * s), mass[1], 0),
+                (side * (ru + 22 * s), mass[1], 0),
+                (5 * s,) * 3,
+                label=label,
+            )
+        )
+    return shapes
+
+
+def _spinous_shapes(vert: Vertebra, vc: float, w0: float) -> list[Shape]:
+    d, c, r = vert.dims, vert.center_mm, vert.rotation
+    angle = np.deg2rad(d["spine_deg"])
+    root = np.array([0.0, vc + d["canal_v"] + 0.5 * d["arch"], w0])
+    tip = root + d["spine_len"] * np.array([0.0, np.cos(angle), -np.sin(angle)])
+    thickness = 0.5 * d["arch"] + (1.0 if vert.level >= 19 else 0.5)
+    radii = (thickness, 0.8 * d["spine_rw"], d["spine_rw"])
+    tips = [tip] if not 1 <= vert.level <= 5 else [tip + (-4, 0, 0), tip + (4, 0, 0)]
+    return [_capsule_shape(c, r, root, end, radii, label=vert.label) for end in tips]
+
+
+def _process_shapes(vert: Vertebra, vc: float, w0: float) -> list[Shape]:
+    """Transverse and articular processes of one vertebra, both sides."""
+    d, c, r, label = vert.dims, vert.center_mm, vert.rotation, vert.label
+    shapes = []
+    ru, rv, t = d["canal_u"], d["canal_v"], d["arch"]
+    cervical = vert.level < 6.5
+    art = (0.8 if cervical else 0.6) * t
+    reach = d["h"] + 0.5 * d["disc"] + 1.0
+    for side in (-1, 1):
+        tip = np.array(
+            [side * d["tp_u"], vc + d["tp_v"], w0 + (2.0 if 6.5 < vert.level < 19 else 0)]
+        )
+        tp_radii = (d["tp_r"], 0.8 * d["tp_r"], 1.1 * d["tp_r"])
+        root = (side * (ru + 0.5 * t), vc - 0.3 * rv, w0)
+        shapes.append(_capsule_shape(c, r, root, tip, tp_radii, label=label))
+        if cervical:  # anterior bar: the foramen transversarium lies between the two bars
+            front = (side * 0.8 * d["a"], -0.2 * d["b"], 0.0)
+            shapes.append(_capsule_shape(c, r, front, tip, tp_radii, label=label))
+        ua, v_sup = side * (ru + 0.45 * t), vc + 0.1 * rv
+        v_inf = v_sup + 2 * art + 1.5
+        shapes.append(
+            _capsule_shape(c, r, (ua, v_sup, w0), (ua, v_sup, reach), (art,) * 3, label=label)
+        )
+        shapes.append(
+            _capsule_shape(c, r, (ua, v_inf, w0), (ua, v_inf, -reach), (art,) * 3, label=label)
+        )
+    return shapes
+
+
+def vertebra_shapes(vert: Vertebra) -> list[Shape]:
+    """Body, neural arch, spinous, transverse and articular processes (C1: ring; C2: dens)."""
+    if vert.label == 1:
+        return _atlas_shapes(vert)
+    d, c, r, label = vert.dims, vert.center_mm, vert.rotation, vert.label
+    a, b, h = d["a"], d["b"], d["h"]
+    body = Shape(
+        "body",
+        c,
+        r,
+        (a, b, h, 0.06, 0.8 * b),
+        np.array([-a, -b, -h]),
+        np.array([a, b, h]),
+        label=label,
+    )
+    vc, w0 = 0.8 * b + d["canal_v"], 0.15 * h
+    h_arch = (0.6 if vert.level < 6.5 else 0.55) * h
+    ru, rv, t = d["canal_u"], d["canal_v"], d["arch"]
+    arch = Shape(
+        "annulus",
+        c,
+        r,
+        (vc, ru, rv, t, h_arch, w0, 0.5 * b),
+        np.array([-ru - t, 0.5 * b, w0 - h_arch]),
+        np.array([ru + t, vc + rv + t, w0 + h_arch]),
+        label=label,
+    )
+    shapes = [body, arch, *_spinous_shapes(vert, vc, w0), *_process_shapes(vert, vc, w0)]
+    if label == 2:
+        shapes.append(
+            _capsule_shape(
+                c,
+                r,
+                (0, -1, h - 2),
+                (0, -1, h + 14 * d["a"] / 8.5),
+                (5 * d["a"] / 8.5,) * 3,
+                label=label,
+            )
+        )
+    return shapes
+
+
+def _between(upper: Vertebra | tuple, lower: Vertebra | tuple, h_up: float, h_low: float):
+    """Disc frame between the inferior endplate of ``upper`` and the superior one of ``lower``."""
+    c0, r0 = (upper.center_mm, upper.rotation) if isinstance(upper, Vertebra) else upper
+    c1, r1 = (lower.center_mm, lower.rotation) if isinstance(lower, Vertebra) else lower
+    top, bottom = c0 - h_up * r0[:, 2], c1 + h_low * r1[:, 2]
+    w = r0[:, 2] + r1[:, 2]
+    return 0.5 * (top + bottom), _frame(-w, 0.0), 0.5 * np.linalg.norm(top - bottom)
+
+
+def disc_shapes(spine: Spine, hu: float) -> list[Shape]:
+    """Intervertebral discs from C2-C3 down to L5-S1 (or L6-S1), not labelled."""
+    shapes = []
+    verts = spine.vertebrae
+    pairs = [(verts[k], verts[k + 1]) for k in range(1, len(verts) - 1)]
+    pairs.append((verts[-1], spine.sacrum[0]))
+    for upper, lower in pairs:
+        lower_h = lower.dims["h"] if isinstance(lower, Vertebra) else _SACRUM[0][2] * spine.scale
+        lower_ab = (
+            (lower.dims["a"], lower.dims["b"])
+            if isinstance(lower, Vertebra)
+            else (_SACRUM[0][0] * spine.scale, _SACRUM[0][1] * spine.scale)
+        )
+        centre, rotation, half = _between(upper, lower, upper.dims["h"], lower_h)
+        a = 0.485 * (upper.dims["a"] + lower_ab[0])
+        b = 0.485 * (upper.dims["b"] + lower_ab[1])
+        h = half + 1.5
+        shapes.append(
+            Shape(
+                "body",
+                centre,
+                rotation,
+                (a, b, h, -0.04, 0.8 * b),
+                np.array([-1.1 * a, -1.1 * b, -h]),
+                np.array([1.1 * a, b, h]),
+                tissue="disc",
+                hu=hu,
+            )
+        )
+    return shapes
+
+
+def rib_shapes(vert: Vertebra) -> list[Shape]:
+    """Left and right rib of a thoracic vertebra as chains of capsules (not labelled)."""
+    d, c, r, level = vert.dims, vert.center_mm, vert.rotation, vert.level
+    s = d["a"] / interpolate(_DIMS, "a", level)
+    cx, cy, rx, ry = (interpolate(_RIBS, k, level) * s for k in ("cx", "cy", "rx", "ry"))
+    end, drop = np.deg2rad(interpolate(_RIBS, "end_deg", level)), interpolate(_RIBS, "drop", level)
+    vc, w0 = 0.8 * d["b"] + d["canal_v"], 0.15 * d["h"]
+    start = np.arccos(np.clip((d["tp_u"] + 6 - cx) / rx, -1.0, 1.0))
+    phi = np.linspace(start, end, 7)
+    radii = np.array([3.5, 3.5, 5.5]) * s
+    shapes = []
+    for side in (-1, 1):
+        points = [
+            (side * (d["a"] + 1), 0.4 * d["b"], 0.2 * d["h"]),
+            (side * 0.9 * d["tp_u"], vc + d["tp_v"] + 3, w0),
+        ]
+        points += [(side * (cx + rx * np.cos(p)), cy + ry * np.sin(p), w0) for p in phi]
+        points = np.array(points)
+        along = np.concatenate([[0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
+        points[:, 2] -= drop * (along / along[-1]) ** 1.3
+        for p0, p1 in zip(points[:-1], points[1:], strict=True):
+            shapes.append(_capsule_shape(c, r, p0, p1, radii))
+    return shapes
+
+
+def pelvis_shapes(spine: Spine) -> list[Shape]:
+    """Sacrum S1-S5 with alae, iliac wings and femoral heads (bone, not labelled)."""
+    shapes, k = [], spine.scale
+    for j, ((c, r), (a, b, h)) in enumerate(zip(spine.sacrum, _SACRUM, strict=True)):
+        a, b, h = a * k, b * k, (h + 1) * k
+        shapes.append(
+            Shape("body", c, r, (a, b, h, 0.0, b), np.array([-a, -b, -h]), np.array([a, b, h]))
+        )
+        shapes.append(
+            _capsule_shape(
+                c, r, (-0.7 * a, b + 5 * k, 0), (0.7 * a, b + 5 * k, 0), (4 * k, 4 * k, h)
+            )
+        )
+        if j < 3:
+            reach, rad = (45, 38, 26)[j] * k, np.array(((12, 9, 13), (9, 7, 10), (6, 5, 7))[j]) * k
+            for side in (-1, 1):
+                shapes.append(
+                    _capsule_shape(
+                        c, r, (side * 12 * k, 4 * k, 2 * k), (side * reach, 10 * k, -4 * k), rad
+                    )
+                )
+    c, r = spine.sacrum[0]
+    for side in (-1, 1):
+        turn = np.deg2rad(side * 35.0)
+        plate = r @ np.array(
+            [[np.cos(turn), -np.sin(turn), 0], [np.sin(turn), np.cos(turn), 0], [0, 0, 1]]
+        )
+        centre = c + r @ (np.array([side * 62, -15, 40]) * k)
+        shapes.append(
+            _capsule_shape(centre, plate, (0, 0, 0), (0, 0, 0), np.array([5, 55, 60]) * k)
+        )
+        low = np.array([[side * 58, -20, -10], [side * 80, -45, -75]]) * k
+        shapes.append(_capsule_shape(c, r, low[0], low[1], np.array([12, 12, 12]) * k))
+        head = np.array([side * 92, -45, -95]) * k
+        shapes.append(_capsule_shape(c, r, head, head, np.array([22, 22, 22]) * k))
+    return shapes
+
+
+def skull_shape(spine: Spine) -> Shape:
+    """Skull above C1: an ellipsoid shell with the foramen magnum (bone, not labelled)."""
+    c1 = spine.vertebrae[0]
+    k, vr = spine.scale, _c1_ring(c1)[0]
+    radii = np.array([72.0, 88.0, 78.0]) * k
+    centre = c1.center_mm + c1.rotation @ (np.array([0.0, -10.0, 88.0]) * k)
+    return Shape(
+        "shell",
+        centre,
+        c1.rotation,
+        (radii, 7.0 * k, 17.0 * k, vr + 10 * k, -40 * k),
+        -radii - 4,
+        radii + 4,
+    )
+
+
+def soft_organ_shapes(spine: Spine, rng: np.random.Generator, hu: dict) -> list[Shape]:
+    """Lungs, aorta, inferior vena cava and bowel gas (not labelled).
+
+    Args:
+        spine: the spine they are placed around.
+        rng: generator for vessel sizes and gas pockets.
+        hu: intensities (HU) under the keys 'lung', 'aorta', 'ivc', 'gas'.
+    """
+    by_label = {v.label: v for v in spine.vertebrae}
+    shapes = []
+    for upper, lower in zip(range(9, 17), range(10, 18), strict=True):  # T2 .. T10
+        v0, v1 = by_label[upper], by_label[lower]
+        scale = v0.dims["a"] / interpolate(_DIMS, "a", v0.level)
+        cx, cy, rx, ry = (
+            [interpolate(_RIBS, key, v.level) * scale for v in (v0, v1)]
+            for key in ("cx", "cy", "rx", "ry")
+        )
+        radii = 0.8 * np.array([np.mean(rx), np.mean(ry), np.mean(rx)])
+        for side in (-1, 1):
+            p1 = v0.rotation.T @ (
+                v1.center_mm - v0.center_mm + v1.rotation @ (side * cx[1], cy[1], 0.0)
+            )
+            shapes.append(
+                _capsule_shape(
+                    v0.center_mm,
+                    v0.rotation,
+                    (side * cx[0], cy[0], 0),
+                    p1,
+                    radii,
+                    tissue="lung",
+                    hu=hu["lung"],
+                )
+            )
+    for name, labels, u_sign, radius in (
+        ("aorta", range(12, 25), 1, rng.uniform(10, 14)),
+        ("ivc", range(18, 25), -1, rng.uniform(9, 13)),
+    ):
+        chain = [by_label[lab] for lab in labels if lab in by_label]
+        points = [
+            v.center_mm + v.rotation @ (u_sign * (0.5 * v.dims["a"] + 10), -v.dims["b"] - 12, 0)
+            for v in chain
+        ]
+        for v, p0, p1 in zip(chain[:-1], points[:-1], points[1:], strict=True):
+            local = [v.rotation.T @ (p - v.center_mm) for p in (p0, p1)]
+            shapes.append(
+                _capsule_shape(
+                    v.center_mm, v.rotation, *local, (radius,) * 3, tissue="vessel", hu=hu[name]
+                )
+            )
+    for _ in range(rng.poisson(2.5)):
+        v = by_label[int(rng.integers(20, 25))]
+        where = (rng.uniform(-80, 80), -v.dims["b"] - rng.uniform(40, 110), rng.uniform(-15, 15))
+        shapes.append(
+            _capsule_shape(
+                v.center_mm,
+                v.rotation,
+                where,
+                where,
+                rng.uniform(6, 22, 3),
+                tissue="gas",
+                hu=hu["gas"],
+            )
+        )
+    return shapes
