@@ -1,7 +1,7 @@
 """Inference: a jitted sliding window along z (the stage predictors build on it).
 
 All windows of a column are cut with `lax.dynamic_slice` inside one jitted function, run through
-the network in groups of `batch_size` windows (a `lax.scan` over groups) and merged in place.
+the network in groups of `batch_size` windows (a loop over groups) and merged in place.
 Column lengths are bucketed (`window_bucket_length`) so that a new length rarely recompiles; the
 true length is a traced argument and windows are clamped to end at it, so the result equals the
 unbucketed one exactly.
@@ -42,20 +42,19 @@ def num_windows(size_z: int, *, window_z: int = 128, overlap_z: int = 96) -> int
     return 1 + max(0, math.ceil((size_z - window_z) / stride))
 
 
-def window_bucket_length(
-    size_z: int, *, window_z: int = 128, overlap_z: int = 96, batch_size: int = 1
-) -> int:
+def window_bucket_length(size_z: int, *, window_z: int = 128, overlap_z: int = 96) -> int:
     """Padded column length (slices) that `sliding_window` compiles for.
 
-    All lengths that need the same number of window groups (`ceil(num_windows / batch_size)`) share
-    one bucket and hence one compilation; they also run the same number of windows, so bucketing
-    costs no extra network evaluations. Columns shorter than a window use the window length.
+    Buckets are `window_z + stride * m` with m = 0 or a power of two, so a data set with columns
+    of 1 to 33 windows needs at most 7 compilations. Only the windows the true length needs are
+    run (the loop count is traced), so a bucket costs padding memory, not network evaluations.
     """
-    _check_window_args(window_z, overlap_z, batch_size, "max")
+    _check_window_args(window_z, overlap_z, 1, "max")
     if size_z < 1:
         raise ValueError(f"column length must be >= 1 slice, got {size_z}")
-    groups = math.ceil(num_windows(size_z, window_z=window_z, overlap_z=overlap_z) / batch_size)
-    return window_z + (window_z - overlap_z) * (groups * batch_size - 1)
+    steps = num_windows(size_z, window_z=window_z, overlap_z=overlap_z) - 1
+    steps = 0 if steps == 0 else 1 << (steps - 1).bit_length()  # next power of two
+    return window_z + (window_z - overlap_z) * steps
 
 
 def sliding_window(
@@ -110,9 +109,7 @@ def sliding_window(
     )
     size_z = column.shape[2]
     before = max(0, (window_z - size_z) // 2)
-    bucket_z = window_bucket_length(
-        size_z, window_z=window_z, overlap_z=overlap_z, batch_size=batch_size
-    )
+    bucket_z = window_bucket_length(size_z, window_z=window_z, overlap_z=overlap_z)
     true_z = max(size_z, window_z)
     after = bucket_z - size_z - before
     if before or after:
@@ -165,15 +162,18 @@ def _merge_window(acc, counts, pred, offset, used, merge: str):
 
 @functools.partial(jax.jit, static_argnames=("window_z", "stride", "batch_size", "merge"))
 def _run_windows(fn, column, true_z, *, window_z: int, stride: int, batch_size: int, merge: str):
-    """Merged prediction `(x, y, Zb, k)` of the windows of `column[:, :, :true_z]` (Zb = bucket)."""
-    size_x, size_y, bucket_z, _ = column.shape
-    num_slots = (bucket_z - window_z) // stride + 1  # a multiple of batch_size by construction
-    out = _output_struct(fn, (batch_size, size_x, size_y, window_z, column.shape[3]), column.dtype)
+    """Merged prediction `(x, y, Zb, k)` of the windows of `column[:, :, :true_z]` (Zb = bucket).
+
+    Runs `ceil(n / batch_size)` groups (a traced loop count), n = windows `true_z` needs; slots of
+    the last group beyond n repeat the last window (weight 0 for the mean).
+    """
+    size_x, size_y, bucket_z, channels = column.shape
+    out = _output_struct(fn, (batch_size, size_x, size_y, window_z, channels), column.dtype)
     acc_dtype = out.dtype if merge == "max" else jnp.promote_types(out.dtype, jnp.float32)
     last_offset = true_z - window_z
     num_used = (last_offset + stride - 1) // stride + 1  # windows the unbucketed column needs
 
-    def step(carry, group):
+    def group_step(group, carry):
         acc, counts = carry
         index = group * batch_size + jnp.arange(batch_size)
         offsets = jnp.minimum(index * stride, last_offset)
@@ -183,13 +183,14 @@ def _run_windows(fn, column, true_z, *, window_z: int, stride: int, batch_size: 
             acc, counts = _merge_window(
                 acc, counts, preds[i], offsets[i], index[i] < num_used, merge
             )
-        return (acc, counts), None
+        return acc, counts
 
     init = (
         jnp.zeros((size_x, size_y, bucket_z, out.shape[4]), acc_dtype),
         jnp.zeros((bucket_z,), acc_dtype),
     )
-    (acc, counts), _ = lax.scan(step, init, jnp.arange(num_slots // batch_size))
+    num_groups = (num_used + batch_size - 1) // batch_size
+    acc, counts = lax.fori_loop(0, num_groups, group_step, init)
     if merge == "mean":
         counts = counts[None, None, :, None]
         acc = jnp.where(counts > 0, acc / jnp.maximum(counts, 1), 0)
