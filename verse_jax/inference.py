@@ -112,6 +112,12 @@ def sliding_window(
     bucket_z = window_bucket_length(size_z, window_z=window_z, overlap_z=overlap_z)
     true_z = max(size_z, window_z)
     after = bucket_z - size_z - before
+    logger.debug(
+        "sliding window: %d slices, bucket %d, %d windows",
+        size_z,
+        bucket_z,
+        num_windows(size_z, window_z=window_z, overlap_z=overlap_z),
+    )
     if before or after:
         padding = ((0, 0), (0, 0), (before, after), (0, 0))
         column = jnp.pad(column, padding, constant_values=jnp.asarray(pad_value, column.dtype))
