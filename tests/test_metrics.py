@@ -6,6 +6,7 @@ import types
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from verse_jax.metrics import (
     CaseMetrics,
@@ -149,3 +150,20 @@ def test_aggregate_over_cases():
     assert agg.num_undefined == {"id_rate": 0, "mean_distance_mm": 1, "dice": 0, "hausdorff_mm": 0}
     text = json.dumps([agg.to_dict()] + [c.to_dict() for c in cases])
     assert '"case_id": "a"' in text and '"hit_labels": [22]' in text
+
+
+def test_real_sample_mask_and_centroids(verse_sample):
+    io = pytest.importorskip("verse_jax.io")
+    mask = io.read_mask(verse_sample / "sub-verse004_seg-vert_msk.nii.gz")
+    centroids = io.read_centroids(verse_sample / "sub-verse004_seg-subreg_ctd.json", mask.geometry)
+    # Centres of mass of the whole vertebrae (body + arch) identify every annotated body centroid.
+    labels = np.unique(mask.array)[1:]
+    com_vox = np.array(ndimage.center_of_mass(np.ones(mask.array.shape), mask.array, labels))
+    m = localization_metrics((labels, mask.geometry.index_to_physical(com_vox)), centroids)
+    assert (m.hits, m.num_gt, m.id_rate) == (9, 9, 1.0)
+    assert 5.0 < m.mean_distance_mm < 20.0
+    pred = mask.array.copy()
+    pred[pred == 20] = 0  # L1 missing
+    s = segmentation_metrics(pred, mask.array, mask.geometry.spacing_mm)
+    assert s.missing_labels == (20,) and s.dice[20] == 0.0
+    assert s.mean_dice == pytest.approx(8 / 9) and s.mean_hausdorff_mm == 0.0
