@@ -1,0 +1,138 @@
+"""Tests of Gaussian heatmap targets, the spine target and candidate peak finding."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage
+
+from verse_jax.heatmaps import Candidates, find_candidates, gaussian_heatmaps, spine_heatmap
+
+SHAPE = (16, 12, 20)
+
+
+def _gaussians(points, valid, sigma, shape=SHAPE, **kwargs):
+    fn = functools.partial(gaussian_heatmaps, shape=shape, **kwargs)
+    return jax.jit(fn)(points, valid, sigma)
+
+
+def _spine(points, valid, shape=SHAPE, **kwargs):
+    return jax.jit(functools.partial(spine_heatmap, shape=shape, **kwargs))(points, valid)
+
+
+def test_gaussian_heatmap_peaks_at_a_subvoxel_landmark_with_the_analytic_value():
+    points = jnp.array([[5.3, 6.7, 8.2], [10.0, 3.0, 2.0], [1.0, 1.0, 1.0]])
+    valid = jnp.array([True, True, False])
+    sigma = jnp.array([2.0, 3.0, 4.0])
+    h = _gaussians(points, valid, sigma)
+    assert h.shape == (*SHAPE, 3) and h.dtype == jnp.float32
+    peak = np.unravel_index(int(jnp.argmax(h[..., 0])), SHAPE)
+    assert np.all(np.abs(np.array(peak) - np.array([5.3, 6.7, 8.2])) <= 0.5)
+    d2 = 0.3**2 + 0.3**2 + 0.2**2  # from voxel (5, 7, 8) to the landmark
+    expected = 1000.0 / (math.sqrt(2 * math.pi) * 2.0) ** 3 * math.exp(-d2 / 8.0)
+    assert float(h[5, 7, 8, 0]) == pytest.approx(expected, rel=1e-5)
+    # Integer landmark, sigma 4: the paper's peak 1000 / (sqrt(2 pi) 4)^3 = 0.992.
+    h4 = _gaussians(points[1:2], valid[1:2], 4.0)
+    assert float(jnp.max(h4)) == pytest.approx(0.99213, rel=1e-4)
+    assert float(jnp.max(jnp.abs(h[..., 2]))) == 0.0
+
+
+def test_unnormalized_heatmap_has_peak_scale():
+    h = _gaussians(jnp.array([[4.0, 5.0, 6.0]]), jnp.array([True]), 3.0, scale=1.0, normalize=False)
+    assert float(h[4, 5, 6, 0]) == pytest.approx(1.0)
+    assert float(h[4, 5, 9, 0]) == pytest.approx(math.exp(-0.5), rel=1e-6)
+
+
+def test_gaussian_heatmap_gradient_wrt_sigma_is_finite_and_nonzero():
+    points = jnp.array([[5.3, 6.7, 8.2], [10.0, 3.0, 2.0]])
+    valid = jnp.array([True, False])
+    target = jnp.zeros((*SHAPE, 2))
+
+    def loss(sigma):
+        return jnp.sum((gaussian_heatmaps(points, valid, sigma, SHAPE) - target) ** 2)
+
+    grad = jax.jit(jax.grad(loss))(jnp.array([4.0, 4.0]))
+    assert bool(jnp.all(jnp.isfinite(grad)))
+    assert float(grad[0]) < 0  # wider Gaussian: lower peak, smaller sum of squares
+    assert float(grad[1]) == 0.0  # invalid landmark
+
+
+def test_spine_heatmap_matches_scipy_gaussian_filter():
+    points = jnp.array([[5.0, 6.0, 3.5], [6.0, 6.5, 9.0], [7.0, 7.0, 15.0], [0.0, 0.0, 0.0]])
+    valid = jnp.array([True, True, True, False])
+    h = _spine(points, valid)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), -1)
+    raw = sum(
+        np.exp(-np.sum((grid - np.asarray(p)) ** 2, -1) / (2 * 3.0**2))
+        for p, v in zip(points, valid, strict=True)
+        if v
+    )
+    expected = scipy.ndimage.gaussian_filter(raw, 3.0, mode="nearest", truncate=4.0)
+    assert h.shape == SHAPE
+    np.testing.assert_allclose(h, expected, atol=1e-6)
+    unblurred = _spine(points, valid, blur_sigma_vox=0.0)
+    np.testing.assert_allclose(unblurred, raw, atol=1e-6)
+
+
+def _candidates(heatmap, **kwargs):
+    return jax.jit(functools.partial(find_candidates, **kwargs))(heatmap)
+
+
+def _peaks(shape, points, values):
+    h = np.zeros(shape, np.float32)
+    for p, v in zip(points, values, strict=True):
+        h[p] = v
+    return jnp.asarray(h)
+
+
+def test_find_candidates_finds_planted_integer_peaks_in_order():
+    h = _peaks((20, 20, 30), [(10, 10, 5), (10, 10, 20), (3, 15, 12)], [1.0, 0.8, 0.5])
+    c = _candidates(h, max_candidates=4)
+    assert isinstance(c, Candidates)
+    np.testing.assert_array_equal(c.valid, [True, True, True, False])
+    np.testing.assert_allclose(c.values, [1.0, 0.8, 0.5, 0.0])
+    np.testing.assert_allclose(c.points_vox[:3], [[10, 10, 5], [10, 10, 20], [3, 15, 12]])
+
+
+def test_find_candidates_refines_a_symmetric_quadratic_peak_to_subvoxel():
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in (12, 12, 12)], indexing="ij"), -1)
+    centre = np.array([5.3, 6.6, 4.75])
+    h = 10.0 - np.sum((grid - centre) ** 2, -1)  # exactly quadratic along each axis
+    c = _candidates(jnp.asarray(h, jnp.float32), max_candidates=2, min_distance_vox=100.0)
+    np.testing.assert_allclose(c.points_vox[0], centre, atol=1e-4)
+    np.testing.assert_array_equal(c.valid, [True, False])
+
+
+def test_find_candidates_respects_the_exclusion_radius():
+    # A second peak 6 voxels away is inside the 7-voxel ball, one 8 voxels away is not.
+    h = _peaks((24, 24, 24), [(12, 12, 4), (12, 12, 10), (12, 12, 20)], [1.0, 0.9, 0.3])
+    c = _candidates(h, max_candidates=3)
+    np.testing.assert_array_equal(c.valid, [True, True, False])
+    np.testing.assert_allclose(c.points_vox[1], [12, 12, 20])
+    c = _candidates(h, max_candidates=3, min_distance_vox=5.0)
+    np.testing.assert_allclose(c.points_vox[:3, 2], [4, 10, 20])
+
+
+def test_find_candidates_thresholds():
+    h = _peaks((16, 16, 16), [(3, 3, 3), (12, 12, 12), (3, 12, 8)], [1.0, 0.11, 0.09])
+    c = _candidates(h, max_candidates=4)  # 0.09 <= 0.1 * 1.0 ends the search
+    np.testing.assert_array_equal(c.valid, [True, True, False, False])
+    weak = _candidates(h * 0.2, max_candidates=4)  # global max 0.2 < 0.25: only the maximum
+    np.testing.assert_array_equal(weak.valid, [True, False, False, False])
+    np.testing.assert_allclose(weak.values[0], 0.2)
+
+
+def test_find_candidates_vmaps_over_channels():
+    a = _peaks((8, 8, 8), [(1, 2, 3)], [1.0])
+    b = _peaks((8, 8, 8), [(6, 5, 4)], [2.0])
+    heatmaps = jnp.stack([a, b], axis=-1)
+    c = jax.jit(jax.vmap(functools.partial(find_candidates, max_candidates=2), in_axes=-1))(
+        heatmaps
+    )
+    assert c.points_vox.shape == (2, 2, 3)
+    np.testing.assert_allclose(c.points_vox[:, 0], [[1, 2, 3], [6, 5, 4]])
+    with pytest.raises(ValueError, match="heatmap"):
+        find_candidates(heatmaps)

@@ -1,0 +1,87 @@
+"""Loss terms of the three stages, as pure functions (TF1 semantics of the reference).
+
+``tf.nn.l2_loss(t) = sum(t^2) / 2``: heatmap losses and weight decay are sums, not means; the
+segmentation loss is a mean sigmoid cross-entropy. All results are float32 scalars.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def heatmap_l2(pred: jax.Array, target: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Masked heatmap L2 loss ``0.5 * sum((mask * (pred - target))^2)`` over every element.
+
+    Args:
+        pred: (batch, x, y, z, K) predicted heatmaps (any shape, same as target).
+        target: same shape as ``pred``.
+        mask: None, or an array of the same rank broadcastable to ``pred`` (e.g. (batch, x, y, z,
+            1)), 1 where the loss counts.
+
+    Returns:
+        Scalar float32 (summed over the batch too; divide by the batch size for a per-crop loss).
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target shapes differ: {pred.shape} vs {target.shape}")
+    diff = pred.astype(jnp.float32) - target.astype(jnp.float32)
+    if mask is not None:
+        if mask.ndim != pred.ndim:
+            raise ValueError(f"mask must have the rank of pred {pred.shape}, got {mask.shape}")
+        diff = diff * mask.astype(jnp.float32)
+    return 0.5 * jnp.sum(diff * diff)
+
+
+def sigma_regularizer(sigmas: jax.Array, valid: jax.Array, weight: float = 100.0) -> jax.Array:
+    """SCN sigma loss ``weight * 0.5 * sum((sigmas * valid)^2)``.
+
+    Args:
+        sigmas: (K,) learnable heatmap sigmas in voxels.
+        valid: (K,) or (batch, K) bool/float landmark validity in the crop(s); summed over batch.
+        weight: regularisation factor (100 in the paper).
+
+    Returns:
+        Scalar float32.
+    """
+    if valid.shape[-1:] != sigmas.shape:
+        raise ValueError(f"valid {valid.shape} must end with the sigmas' shape {sigmas.shape}")
+    masked = jnp.broadcast_to(sigmas.astype(jnp.float32), valid.shape) * valid.astype(jnp.float32)
+    return weight * 0.5 * jnp.sum(masked * masked)
+
+
+def weight_decay(params, weight: float) -> jax.Array:
+    """Coupled L2 ``weight * 0.5 * sum ||W||^2`` over convolution kernels only.
+
+    Kernels are the leaves named ``kernel``; biases (and anything else, e.g. sigmas) are skipped.
+
+    Args:
+        params: a parameter pytree (Flax ``params`` dict, or the whole variables dict).
+        weight: regularisation factor (5e-4 spine/SCN, 1e-6 segmentation in the paper).
+
+    Returns:
+        Scalar float32.
+    """
+    total = jnp.zeros((), jnp.float32)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        last = path[-1] if path else None
+        name = getattr(last, "key", getattr(last, "name", None))
+        if name == "kernel":
+            total = total + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+    return weight * 0.5 * total
+
+
+def sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean sigmoid cross-entropy over all elements (numerically stable form).
+
+    ``max(x, 0) - x * z + log(1 + exp(-|x|))`` for logits x and labels z in [0, 1].
+
+    Args:
+        logits: (batch, x, y, z, 1) network outputs (any shape).
+        labels: same shape as ``logits``, in [0, 1].
+
+    Returns:
+        Scalar float32.
+    """
+    if logits.shape != labels.shape:
+        raise ValueError(f"logits and labels shapes differ: {logits.shape} vs {labels.shape}")
+    x = logits.astype(jnp.float32)
+    z = labels.astype(jnp.float32)
+    return jnp.mean(jnp.maximum(x, 0.0) - x * z + jnp.log1p(jnp.exp(-jnp.abs(x))))
