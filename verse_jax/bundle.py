@@ -9,6 +9,7 @@ shapes of the network the config builds (``jax.eval_shape`` of ``model.init``), 
 """
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -58,8 +59,8 @@ class StageModel:
     """One loaded stage: Linen module, params pytree (device arrays) and its grid.
 
     ``sigmas`` is the SCN's ``(K,)`` learnable heatmap sigmas in voxels (None for other stages).
-    Jitted apply functions are cached on the instance (``apply_fn``), one per stage model; JAX
-    caches the compiled code per input shape, so repeated cases do not recompile.
+    Jitted apply functions are cached per network config (Linen modules hash by their fields)
+    and JAX caches the compiled code per input shape, so repeated cases do not recompile.
     """
 
     stage: str
@@ -73,29 +74,48 @@ class StageModel:
     sigmas: np.ndarray | None
     extra: dict
     path: Path | None = None
-    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
-    def apply_fn(self, transform=None):
-        """Jitted ``x (B, x, y, z, c) -> output`` with the params bound as an argument.
+    def apply_partial(self, transform=None) -> jax.tree_util.Partial:
+        """``Partial(apply, params)``: ``x (B, x, y, z, c) -> output``, params traced.
+
+        The function is the same object for equal network configs (``apply_function``), which
+        suits ``inference.sliding_window``'s compilation cache.
 
         Args:
-            transform: optional name of the output transform: None (raw module output),
-                ``"heatmaps"`` (``SCNOutput.heatmaps``) or ``"sigmoid"`` (sigmoid of the logits).
+            transform: None (raw module output), ``"heatmaps"`` (``SCNOutput.heatmaps``) or
+                ``"sigmoid"`` (sigmoid of the logits).
         """
-        if transform not in self._cache:
-            model = self.model
+        return jax.tree_util.Partial(apply_function(self.model, transform), self.params)
 
-            def apply(params, x):
-                out = model.apply({"params": params}, x, train=False)
-                if transform == "heatmaps":
-                    return out.heatmaps
-                if transform == "sigmoid":
-                    return jax.nn.sigmoid(out)
-                return out
+    def apply_fn(self, transform=None):
+        """Jitted ``x (B, x, y, z, c) -> output`` (see :meth:`apply_partial` for ``transform``).
 
-            jitted = jax.jit(apply)
-            self._cache[transform] = lambda x: jitted(self.params, x)
-        return self._cache[transform]
+        Compiled once per (network config, transform, input shape), shared by all loaded stages.
+        """
+        jitted = _jitted_apply(self.model, transform)
+        return lambda x: jitted(self.params, x)
+
+
+@functools.lru_cache(maxsize=64)
+def apply_function(model: nn.Module, transform=None):
+    """``apply(params, x)`` of a Linen module (inference mode); one function per equal config."""
+    if transform not in (None, "heatmaps", "sigmoid"):
+        raise ValueError(f"transform must be None, 'heatmaps' or 'sigmoid', got {transform!r}")
+
+    def apply(params, x):
+        out = model.apply({"params": params}, x, train=False)
+        if transform == "heatmaps":
+            return out.heatmaps
+        if transform == "sigmoid":
+            return jax.nn.sigmoid(out)
+        return out
+
+    return apply
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_apply(model: nn.Module, transform=None):
+    return jax.jit(apply_function(model, transform))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -1,0 +1,104 @@
+"""predict_case end to end with tiny random bundles, and the exact pieces it is built from."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from verse_jax import bundle, phantoms, pipeline, postprocessing, preprocessing
+from verse_jax.bundle import StageGrid
+from verse_jax.geometry import Geometry, Volume
+
+GRIDS = {
+    "spine": {"spacing_mm": 16.0, "crop_size": (16, 16, 32), "smoothing_mm": 3.0},
+    "scn": {"spacing_mm": 8.0, "crop_size": (12, 12, 16), "smoothing_mm": 0.75},
+    "seg": {"spacing_mm": 4.0, "crop_size": (16, 16, 12), "smoothing_mm": 0.75},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bundle") / "tiny"
+    bundle.random_bundle(path, grids=GRIDS, seed=1, network_kwargs={"conv_impl": "lax"})
+    return bundle.load_bundle(path)
+
+
+def _phantom(orientation, seed=0):
+    return phantoms.generate_phantom(
+        seed, fov="lumbar", spacing_mm=(4.0, 4.0, 4.0), orientation=orientation, max_voxels=40**3
+    )
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "PIR", "oblique"])
+def test_predict_case_keeps_input_geometry(tiny, orientation):
+    image = _phantom(orientation).image
+    centroids, mask = pipeline.predict_case(image, tiny, overlap_z=8, seg_batch_size=4)
+    assert mask.geometry == image.geometry  # size, spacing, origin, direction: exactly
+    assert mask.array.shape == image.array.shape and mask.array.dtype == np.uint16
+    assert len(centroids.labels) > 0
+    assert set(np.unique(mask.array).tolist()) <= {0, *centroids.labels.tolist()}
+    assert set(centroids.labels.tolist()) <= set(range(1, 26))
+
+
+def test_stage_volumes_equal_to_stage_grid():
+    image = _phantom("oblique").image
+    grids = {"a": StageGrid(8.0, (8, 8, 8), 0.75), "b": StageGrid(5.0, (8, 8, 8), 0.75)}
+    volumes = pipeline.stage_volumes(image, grids)
+    for name, grid in grids.items():
+        expected = preprocessing.to_stage_grid(
+            image, spacing_mm=grid.spacing_mm, smoothing_mm=grid.smoothing_mm
+        )
+        assert volumes[name].geometry == expected.geometry
+        np.testing.assert_array_equal(volumes[name].array, expected.array)
+
+
+def test_cut_box_pads_and_keeps_physical_positions():
+    grid = Geometry((4, 3, 2), (2.0, 2.0, 2.0), (10.0, 20.0, 30.0))
+    volume = Volume(np.arange(24, dtype=np.float32).reshape(4, 3, 2), grid)
+    box = pipeline.cut_box(volume, (-1, 1, 0), (3, 3, 2), pad_value=-7.0)
+    assert box.geometry == Geometry((3, 3, 2), (2.0, 2.0, 2.0), (8.0, 22.0, 30.0))
+    np.testing.assert_array_equal(box.array[0], -7.0)
+    np.testing.assert_array_equal(box.array[1:, :2], volume.array[:2, 1:])
+    np.testing.assert_array_equal(box.array[:, 2], -7.0)
+
+
+def test_fuse_equals_resampling_the_whole_crop():
+    rng = np.random.default_rng(0)
+    prob = np.zeros((12, 10, 8), np.float32)
+    prob[3:8, 2:7, 2:6] = rng.uniform(0.3, 1.0, (5, 5, 4))
+    crop = Volume(prob, Geometry.axis_aligned((1.0, 2.0, 3.0), (12, 10, 8), 1.0))
+    angle = 0.3
+    direction = (np.cos(angle), -np.sin(angle), 0, np.sin(angle), np.cos(angle), 0, 0, 0, 1)
+    target = Geometry((15, 14, 9), (0.7, 0.8, 1.1), (-5.0, -3.0, -1.0), direction)
+    fast = postprocessing.LabelFusion(target.size)
+    pipeline._fuse(fast, crop, 5, target)
+    dense = postprocessing.LabelFusion(target.size)
+    dense.add(5, preprocessing.resample(crop, target, default_value=0.0).array)
+    np.testing.assert_array_equal(fast.best_label, dense.best_label)
+    np.testing.assert_array_equal(fast.best_prob, dense.best_prob)
+    assert 0 < np.sum(fast.best_label == 5) < fast.best_label.size
+
+
+def _with_output(stage, bias):
+    params = jax.tree.map(lambda x: x, stage.params)
+    params["output"] = {"kernel": jnp.zeros_like(params["output"]["kernel"]), "bias": bias}
+    return dataclasses.replace(stage, params=params)
+
+
+def test_predict_spine_centre_of_mass_and_no_spine(tiny):
+    image = _phantom("RAS").image
+    volume = pipeline.stage_volumes(image, {"spine": tiny.spine.grid})["spine"]
+    flat = _with_output(tiny.spine, jnp.ones((1,)))  # constant heatmap: centre of the data
+    spine_mm = pipeline.predict_spine(volume, flat)
+    center = volume.geometry.index_to_physical((np.asarray(volume.geometry.size) - 1) / 2)
+    np.testing.assert_allclose(spine_mm, center, atol=volume.geometry.spacing_mm[0] / 2 + 1e-6)
+    with pytest.raises(pipeline.NoSpineFoundError, match="no spine found"):
+        pipeline.predict_spine(volume, _with_output(tiny.spine, -jnp.ones((1,))))
+
+
+def test_check_ct_rejects_masks():
+    mask = _phantom("RAS").mask
+    with pytest.raises(ValueError, match="mask.nii.gz: does not look like a CT"):
+        pipeline.check_ct(mask, "mask.nii.gz")

@@ -1,0 +1,319 @@
+"""The three stage predictors and ``predict_case``: CT volume -> vertebra centroids and label mask.
+
+1. Spine localisation on the whole scan at the spine stage's grid (8 mm): the centre of mass of the
+   predicted spine heatmap gives the spine's world x, y (REFERENCE.md 4.5).
+2. Vertebra localisation on an x-y column around that point covering the whole scan in z (2 mm):
+   sliding window along z, candidate peaks, the best anatomical label sequence (5.6-5.8).
+3. Segmentation of every found vertebra (1 mm crops centred 20 mm posterior of the centroid, with
+   a centroid Gaussian as second channel), largest component, and fusion of the probabilities on the
+   input's own grid with a running best (probability, label) pair (6.4), never a (volume x K) array.
+
+All grids of the stages are identity-direction grids in the LPS world with the spacing, crop size
+and smoothing of the bundle's ``stage.json``; the outputs are in the input's exact geometry.
+"""
+
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from verse_jax import heatmaps, inference, postprocessing, preprocessing
+from verse_jax.bundle import Bundle, StageGrid, StageModel
+from verse_jax.geometry import Geometry, Volume, physical_bounding_grid
+from verse_jax.io import Centroids, landmarks_to_centroids
+from verse_jax.labels import index_to_label
+
+logger = logging.getLogger(__name__)
+
+SEG_OFFSET_MM = (0.0, 20.0, 0.0)  # crop centre relative to the centroid (+y posterior)
+SEG_SIGMA_VOX = 3.0  # centroid Gaussian of the segmentation input, peak 1
+CANDIDATE_DISTANCE_MM = 14.0  # reference: 7 voxels at 2 mm
+PAD_NORMALIZED = preprocessing.CT_MIN_HU / preprocessing.CT_SCALE_HU  # -1024 HU -> -0.5
+_MIN_CT_RANGE_HU = 100.0
+
+
+class NoSpineFoundError(ValueError):
+    """The networks found no spine or no vertebra in the image."""
+
+
+def check_ct(volume: Volume, name: str = "image") -> None:
+    """Raise ValueError unless ``volume`` looks like a 3-D CT in HU (numeric, >= 100 HU range)."""
+    array = np.asarray(volume.array)
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"{name}: not a CT (voxel type {array.dtype})")
+    low, high = float(array.min()), float(array.max())
+    if not np.isfinite([low, high]).all() or high - low < _MIN_CT_RANGE_HU:
+        raise ValueError(
+            f"{name}: does not look like a CT in HU (intensities {low:g}..{high:g}; "
+            f"a CT spans air to bone)"
+        )
+
+
+def stage_volumes(image: Volume, grids: dict[str, StageGrid]) -> dict[str, Volume]:
+    """Normalised volumes on each stage's bounding grid (``preprocessing.to_stage_grid`` steps).
+
+    The clamp at -1024 HU is done once and each smoothing once for all stages that share it.
+
+    Args:
+        image: CT in HU, (x, y, z), any grid.
+        grids: stage name -> grid (spacing_mm, smoothing_mm).
+
+    Returns:
+        stage name -> float32 Volume in [-1, 1] on ``physical_bounding_grid(image, spacing_mm)``.
+    """
+    clamped = np.maximum(np.asarray(image.array, np.float32), np.float32(preprocessing.CT_MIN_HU))
+    clamped = Volume(clamped, image.geometry)
+    out = {}
+    for smoothing in sorted({grid.smoothing_mm for grid in grids.values()}):
+        smoothed = preprocessing.smooth_mm(clamped, smoothing)
+        for name, grid in grids.items():
+            if grid.smoothing_mm == smoothing:
+                target = physical_bounding_grid(image.geometry, grid.spacing_mm)
+                resampled = preprocessing.resample(
+                    smoothed, target, default_value=preprocessing.CT_MIN_HU
+                )
+                out[name] = Volume(preprocessing.normalize_ct(resampled.array), target)
+        del smoothed
+    return out
+
+
+def cut_box(volume: Volume, start, size, pad_value: float = PAD_NORMALIZED) -> Volume:
+    """Integer box of an identity-direction volume, padded where it leaves the volume.
+
+    Args:
+        volume: (x, y, z) volume on an identity-direction grid.
+        start: (3,) int voxel index (may be negative) of the box's first voxel in ``volume``.
+        size: (3,) box size in voxels.
+        pad_value: value outside the volume.
+
+    Returns:
+        Volume of ``size`` whose geometry is the box's own grid (same spacing, identity).
+    """
+    start = np.asarray(start, np.int64)
+    size = np.asarray(size, np.int64)
+    out = np.full(tuple(size), pad_value, np.asarray(volume.array).dtype)
+    low = np.maximum(start, 0)
+    high = np.minimum(start + size, volume.geometry.size)
+    if np.all(high > low):
+        src = tuple(slice(a, b) for a, b in zip(low, high, strict=True))
+        dst = tuple(slice(a, b) for a, b in zip(low - start, high - start, strict=True))
+        out[dst] = volume.array[src]
+    origin = volume.geometry.index_to_physical(start.astype(np.float64))
+    geometry = Geometry(tuple(size), volume.geometry.spacing_mm, tuple(origin))
+    return Volume(out, geometry)
+
+
+def predict_spine(volume: Volume, stage: StageModel) -> np.ndarray:
+    """Stage 1: the spine's world position from the whole scan.
+
+    Args:
+        volume: normalised scan on the stage's bounding grid (``stage_volumes``).
+        stage: the spine stage.
+
+    Returns:
+        (3,) LPS mm centre of mass of the positive part of the predicted heatmap over the voxels
+        that hold image data (only x and y are used downstream).
+
+    Raises:
+        NoSpineFoundError: the heatmap has no positive value inside the scan.
+    """
+    crop = np.asarray(stage.grid.crop_size)
+    start = (np.asarray(volume.geometry.size) - crop) // 2
+    box = cut_box(volume, start, crop)
+    out = stage.apply_fn()(jnp.asarray(box.array)[None, ..., None])
+    heatmap = np.maximum(np.asarray(out[0, ..., 0], np.float64), 0.0)
+    inside = np.zeros(heatmap.shape, bool)
+    low, high = np.maximum(-start, 0), np.minimum(np.asarray(volume.geometry.size) - start, crop)
+    inside[tuple(slice(a, b) for a, b in zip(low, high, strict=True))] = True
+    weights = np.where(inside, heatmap, 0.0)
+    total = weights.sum()
+    if not total > 0:
+        raise NoSpineFoundError("no spine found: the spine heatmap is not positive in the scan")
+    grids = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in heatmap.shape], indexing="ij")
+    com_vox = np.array([(g * weights).sum() / total for g in grids])
+    return box.geometry.index_to_physical(com_vox)
+
+
+def predict_landmarks(
+    volume: Volume,
+    spine_mm,
+    stage: StageModel,
+    *,
+    overlap_z: int | None = None,
+    batch_size: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 2: vertebra centroids from the column around the spine.
+
+    Args:
+        volume: normalised scan on the stage's bounding grid (``stage_volumes``).
+        spine_mm: (3,) LPS mm spine point; its x, y centre the column.
+        stage: the SCN stage; its crop size gives the column's x, y size and the window length.
+        overlap_z: window overlap in slices; None: 3/4 of the window (96 of 128 slices as the
+            reference's validation; its docker used 64).
+        batch_size: windows per network call.
+
+    Returns:
+        points_mm (K, 3) LPS mm (zeros where invalid), valid (K,) bool.
+    """
+    crop_x, crop_y, window_z = stage.grid.crop_size
+    center = np.rint(volume.geometry.physical_to_index(np.asarray(spine_mm))).astype(np.int64)
+    start = (center[0] - (crop_x - 1) // 2, center[1] - (crop_y - 1) // 2, 0)
+    column = cut_box(volume, start, (crop_x, crop_y, volume.geometry.size[2]))
+    merged = inference.sliding_window(
+        stage.apply_partial("heatmaps"),
+        jnp.asarray(column.array)[..., None],
+        window_z=window_z,
+        overlap_z=window_z * 3 // 4 if overlap_z is None else int(overlap_z),
+        batch_size=batch_size,
+        pad_value=-1.0,
+    )
+    candidates = postprocessing.landmark_candidates(
+        merged,
+        column.geometry,
+        min_distance_vox=CANDIDATE_DISTANCE_MM / stage.grid.spacing_mm,
+    )
+    sequence = postprocessing.select_landmark_sequence(
+        *candidates, postprocessing.column_z_range_mm(column.geometry)
+    )
+    logger.debug("landmark sequence mode %s, %d valid", sequence.mode, sequence.valid.sum())
+    return sequence.points_mm, sequence.valid
+
+
+@functools.lru_cache(maxsize=16)
+def _segment_fn(model, shape: tuple[int, int, int]):
+    """Jitted ``(params, crops (B, x, y, z), points_vox (B, 3)) -> probabilities (B, x, y, z)``.
+
+    One per (network config, crop shape); the crop's second channel (a peak-1 Gaussian of
+    ``SEG_SIGMA_VOX`` at the centroid) is built on the device.
+    """
+
+    def segment(params, crops, points_vox):
+        def gaussian(point):
+            return heatmaps.gaussian_heatmaps(
+                point[None], jnp.ones((1,), bool), SEG_SIGMA_VOX, shape, scale=1.0, normalize=False
+            )[..., 0]
+
+        channel = jax.vmap(gaussian)(points_vox)
+        x = jnp.stack([crops, channel], axis=-1)
+        return jax.nn.sigmoid(model.apply({"params": params}, x, train=False))[..., 0]
+
+    return jax.jit(segment)
+
+
+def _fuse(fusion, prob: Volume, label: int, target: Geometry) -> None:
+    """Resample one vertebra's probabilities onto the part of ``target`` they can win and fuse.
+
+    Only voxels with probability > 0.5 can beat the background's 0.5, and a linearly interpolated
+    value > 0.5 needs a grid neighbour > 0.5, so the source is cut to the bounding box of those
+    voxels plus one voxel; the result equals resampling the whole crop.
+    """
+    above = np.argwhere(prob.array > 0.5)
+    if above.size == 0:
+        return
+    low, high = above.min(axis=0) - 1, above.max(axis=0) + 2
+    source = cut_box(prob, low, high - low, pad_value=0.0)
+    index = target.physical_to_index(source.geometry.corners_mm())
+    lo = np.maximum(np.floor(index.min(axis=0) - 1e-6).astype(np.int64), 0)
+    hi = np.minimum(np.ceil(index.max(axis=0) + 1e-6).astype(np.int64) + 1, target.size)
+    if np.any(hi <= lo):
+        return
+    origin = target.index_to_physical(lo.astype(np.float64))
+    sub = Geometry(tuple(hi - lo), target.spacing_mm, tuple(origin), target.direction)
+    resampled = preprocessing.resample(source, sub, interpolation="linear", default_value=0.0)
+    fusion.add(label, resampled.array, offset=tuple(lo))
+
+
+def predict_segmentation(
+    volume: Volume,
+    points_mm,
+    valid,
+    stage: StageModel,
+    target: Geometry,
+    *,
+    batch_size: int = 2,
+) -> np.ndarray:
+    """Stage 3: fused vertebra labels on ``target`` from one crop per valid landmark.
+
+    Args:
+        volume: normalised scan on the stage's bounding grid (``stage_volumes``).
+        points_mm: (K, 3) LPS mm landmarks; valid: (K,) bool.
+        stage: the segmentation stage.
+        target: the output grid (the input CT's geometry).
+        batch_size: crops per network call (the last batch is padded to this size).
+
+    Returns:
+        (x, y, z) uint16 VerSe ids on ``target`` (0 background).
+    """
+    crop = np.asarray(stage.grid.crop_size)
+    segment = _segment_fn(stage.model, tuple(stage.grid.crop_size))
+    fusion = postprocessing.LabelFusion(target.size)
+    indices = np.flatnonzero(np.asarray(valid))
+    for first in range(0, len(indices), batch_size):
+        chunk = indices[first : first + batch_size]
+        boxes, points_vox = [], np.zeros((batch_size, 3), np.float32)
+        for row, k in enumerate(chunk):
+            point = np.asarray(points_mm[k], np.float64)
+            center = volume.geometry.physical_to_index(point + np.asarray(SEG_OFFSET_MM))
+            box = cut_box(volume, np.rint(center - (crop - 1) / 2).astype(np.int64), crop)
+            boxes.append(box)
+            points_vox[row] = box.geometry.physical_to_index(point)
+        crops = np.full((batch_size, *crop), PAD_NORMALIZED, np.float32)
+        crops[: len(boxes)] = np.stack([box.array for box in boxes])
+        probs = np.asarray(segment(stage.params, jnp.asarray(crops), jnp.asarray(points_vox)))
+        for row, k in enumerate(chunk):
+            prob = postprocessing.largest_component(probs[row])
+            _fuse(fusion, Volume(prob, boxes[row].geometry), index_to_label(k), target)
+    return fusion.labels
+
+
+def predict_case(
+    image: Volume,
+    bundle: Bundle,
+    *,
+    overlap_z: int | None = None,
+    window_batch_size: int = 1,
+    seg_batch_size: int = 2,
+) -> tuple[Centroids, Volume]:
+    """The whole pipeline on one CT.
+
+    Args:
+        image: CT in HU, (x, y, z), any geometry (oblique too).
+        bundle: the three loaded stages (``bundle.load_bundle``).
+        overlap_z: SCN window overlap in slices; None: 3/4 of the window (96 for the paper's
+            128-slice windows; the reference docker used 64).
+        window_batch_size: SCN windows per network call.
+        seg_batch_size: vertebra crops per segmentation call.
+
+    Returns:
+        Centroids (VerSe ids, LPS mm) and a uint16 label Volume with exactly ``image.geometry``.
+
+    Raises:
+        ValueError: not a CT; NoSpineFoundError: no spine or no vertebra found.
+    """
+    check_ct(image)
+    times = {}
+    tic = time.perf_counter()
+    grids = {"spine": bundle.spine.grid, "scn": bundle.scn.grid, "seg": bundle.seg.grid}
+    volumes = stage_volumes(image, grids)
+    times["preprocessing"], tic = time.perf_counter() - tic, time.perf_counter()
+    spine_mm = predict_spine(volumes["spine"], bundle.spine)
+    times["spine"], tic = time.perf_counter() - tic, time.perf_counter()
+    points_mm, valid = predict_landmarks(
+        volumes["scn"], spine_mm, bundle.scn, overlap_z=overlap_z, batch_size=window_batch_size
+    )
+    times["landmarks"], tic = time.perf_counter() - tic, time.perf_counter()
+    if not np.any(valid):
+        raise NoSpineFoundError("no vertebra found: no landmark passed the sequence selection")
+    labels = predict_segmentation(
+        volumes["seg"], points_mm, valid, bundle.seg, image.geometry, batch_size=seg_batch_size
+    )
+    times["segmentation"] = time.perf_counter() - tic
+    logger.info(
+        "predict_case: %d vertebrae; %s",
+        int(np.sum(valid)),
+        ", ".join(f"{name} {seconds:.2f} s" for name, seconds in times.items()),
+    )
+    return landmarks_to_centroids(points_mm, valid), Volume(labels, image.geometry)
