@@ -1,13 +1,11 @@
 """Tests for candidate selection (DP == brute force), largest component and label fusion."""
 
-import functools
-import itertools
-
 import numpy as np
 import pytest
 
 from verse_jax.postprocessing import (
     LabelFusion,
+    best_sequence_brute_force,
     best_sequence_dp,
     column_z_range_mm,
     landmark_candidates,
@@ -16,27 +14,6 @@ from verse_jax.postprocessing import (
 )
 
 Z_RANGE = (0.0, 400.0)
-
-
-def best_sequence_brute_force(
-    values, points_mm, valid, *, min_valid_distance: float = 12.5, max_valid_distance: float = 50.0
-) -> tuple[tuple[int, ...] | None, float]:
-    """Exhaustive search of `best_sequence_dp`'s objective and tie-break (exponential)."""
-
-    def admissible(upper, lower):
-        distance = np.linalg.norm(upper - lower)
-        return min_valid_distance < distance < max_valid_distance and lower[2] < upper[2]
-
-    best, best_slots = -np.inf, None
-    for slots in itertools.product(*[np.flatnonzero(row).tolist() for row in valid]):
-        pairs = enumerate(zip(slots[:-1], slots[1:], strict=True))
-        if not all(admissible(points_mm[k, a], points_mm[k + 1, b]) for k, (a, b) in pairs):
-            continue
-        chosen = [float(values[k, a]) for k, a in enumerate(slots)]
-        score = functools.reduce(lambda acc, v: v + acc, chosen[::-1])  # right fold, as the DP
-        if score >= best:  # '>=': of equal scores the last in lexicographic order wins
-            best, best_slots = score, tuple(slots)
-    return best_slots, best
 
 
 def random_candidates(rng, max_landmarks=6, max_slots=3, dyadic=True):
@@ -197,22 +174,49 @@ def test_column_z_range_mm():
     assert column_z_range_mm(geometry) == (-30.0, 70.0)
 
 
-def test_landmark_candidates_in_mm():
+HEATMAP_SHAPE = (12, 12, 60)  # one shape for both tests: find_candidates compiles once
+
+
+def candidate_modules():
     heatmaps_module = pytest.importorskip("verse_jax.heatmaps")
     if not hasattr(heatmaps_module, "find_candidates"):
         pytest.skip("verse_jax.heatmaps.find_candidates not there yet")
-    geometry_module = pytest.importorskip("verse_jax.geometry")
-    geometry = geometry_module.Geometry(
-        size=(8, 8, 20), spacing_mm=(2.0, 2.0, 2.0), origin_mm=(10.0, 0.0, -5.0)
+    return pytest.importorskip("verse_jax.geometry")
+
+
+def test_landmark_candidates_in_mm():
+    geometry = candidate_modules().Geometry(
+        size=HEATMAP_SHAPE, spacing_mm=(2.0, 2.0, 2.0), origin_mm=(10.0, 0.0, -5.0)
     )
-    heatmaps = np.zeros((8, 8, 20, 2), np.float32)
+    heatmaps = np.zeros(HEATMAP_SHAPE + (5,), np.float32)
     heatmaps[3, 4, 5, 0] = 1.0
     heatmaps[2, 2, 15, 1] = 0.8
+    heatmaps[..., 2:] = -1.0  # channels without a positive response still have a global max
     cands = landmark_candidates(heatmaps, geometry, max_candidates=3)
-    assert cands.values.shape == (2, 3) and cands.points_mm.shape == (2, 3, 3)
-    assert cands.valid[:, 0].all()
-    np.testing.assert_allclose(cands.values[:, 0], [1.0, 0.8], rtol=1e-6)
-    np.testing.assert_allclose(cands.points_mm[:, 0], [[16.0, 8.0, 5.0], [14.0, 4.0, 25.0]])
+    assert cands.values.shape == (5, 3) and cands.points_mm.shape == (5, 3, 3)
+    np.testing.assert_array_equal(cands.valid[:, 0], True)
+    np.testing.assert_array_equal(cands.valid[:2, 1:], False)  # nothing > 0.1 * max elsewhere
+    np.testing.assert_allclose(cands.values[:, 0], [1.0, 0.8, -1.0, -1.0, -1.0], rtol=1e-6)
+    np.testing.assert_allclose(cands.points_mm[:2, 0], [[16.0, 8.0, 5.0], [14.0, 4.0, 25.0]])
+
+
+def test_heatmaps_to_sequence_end_to_end():
+    geometry = candidate_modules().Geometry(
+        size=HEATMAP_SHAPE, spacing_mm=(2.0, 2.0, 2.0), origin_mm=(0.0, 0.0, -50.0)
+    )
+    truth_vox = np.array([[6.0, 6.0, z] for z in (50.0, 38.0, 26.0, 14.0, 2.0)])  # 24 mm apart
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in HEATMAP_SHAPE], indexing="ij"), -1)
+    d2 = np.sum((grid[..., None, :] - truth_vox) ** 2, axis=-1)  # (x, y, z, K)
+    heatmaps = np.exp(-d2 / (2 * 1.5**2)).astype(np.float32)
+    heatmaps[2, 2, 45, 2] = 1.5  # a stronger distractor for landmark 2, far from its neighbours
+    cands = landmark_candidates(heatmaps, geometry, max_candidates=3)
+    assert cands.valid[2, :2].all() and cands.values[2, 0] == pytest.approx(1.5)
+    seq = select_landmark_sequence(*cands, column_z_range_mm(geometry))
+    assert (seq.mode, seq.first, seq.last) == ("sequence", 0, 4)
+    np.testing.assert_array_equal(seq.choice, [0, 0, 1, 0, 0])
+    truth_mm = geometry.index_to_physical(truth_vox)
+    # Within one voxel (2 mm): sub-voxel refinement belongs to (and is tested with) heatmaps.
+    np.testing.assert_allclose(seq.points_mm, truth_mm, atol=2.0)
 
 
 def test_largest_component_18_connectivity():

@@ -12,10 +12,11 @@ by the range and fallback rules.
 Tie-break: among sequences with equal score the lexicographically largest tuple of candidate slots
 wins, as in the reference (it enumerates sequences in lexicographic order and takes the last of the
 best after a stable sort). Scores are right-fold sums `v_first + (v_next + (...))` in float64; the
-tests check the DP against an exhaustive search with the same objective and tie-break.
+tests check the DP against `best_sequence_brute_force` (same objective and tie-break).
 """
 
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -123,14 +124,8 @@ class LandmarkSequence:
 
 
 def _as_candidate_arrays(values, points_mm, valid):
-    values = np.asarray(values, np.float64)
-    points_mm = np.asarray(points_mm, np.float64)
+    values, points_mm = np.asarray(values, np.float64), np.asarray(points_mm, np.float64)
     valid = np.asarray(valid, bool)
-    _check_candidates(values, points_mm, valid)
-    return values, points_mm, valid
-
-
-def _check_candidates(values, points_mm, valid) -> None:
     if values.ndim != 2 or valid.shape != values.shape or points_mm.shape != values.shape + (3,):
         raise ValueError(
             "candidates must be values (K, M), points_mm (K, M, 3), valid (K, M); got "
@@ -138,6 +133,7 @@ def _check_candidates(values, points_mm, valid) -> None:
         )
     if not (np.all(np.isfinite(values[valid])) and np.all(np.isfinite(points_mm[valid]))):
         raise ValueError("valid candidates must have finite values and points_mm")
+    return values, points_mm, valid
 
 
 def _pair_ok(upper_mm, lower_mm, min_distance, max_distance):
@@ -192,6 +188,30 @@ def _last_argmax(scores, allowed) -> int:
     """Largest index among the maxima of `scores[allowed]` (lexicographically largest tie-break)."""
     masked = np.where(allowed, scores, _NEG_INF)
     return int(np.flatnonzero(masked == np.max(masked))[-1])
+
+
+def best_sequence_brute_force(
+    values, points_mm, valid, *, min_valid_distance: float = 12.5, max_valid_distance: float = 50.0
+) -> tuple[tuple[int, ...] | None, float]:
+    """Exhaustive search with `best_sequence_dp`'s objective and tie-break: O(M^K), for tests."""
+    values, points_mm, valid = _as_candidate_arrays(values, points_mm, valid)
+    if values.shape[0] == 0:
+        return None, _NEG_INF
+
+    def admissible(upper, lower):
+        distance = np.linalg.norm(upper - lower)
+        return min_valid_distance < distance < max_valid_distance and lower[2] < upper[2]
+
+    best, best_slots = _NEG_INF, None
+    for slots in itertools.product(*[np.flatnonzero(row).tolist() for row in valid]):
+        pairs = enumerate(zip(slots[:-1], slots[1:], strict=True))
+        if not all(admissible(points_mm[k, a], points_mm[k + 1, b]) for k, (a, b) in pairs):
+            continue
+        chosen = [float(values[k, a]) for k, a in enumerate(slots)]
+        score = functools.reduce(lambda acc, v: v + acc, chosen[::-1])  # right fold, as the DP
+        if score >= best:  # '>=': of equal scores the last in lexicographic order wins
+            best, best_slots = score, tuple(slots)
+    return best_slots, best
 
 
 def _longest_run(global_values, threshold) -> tuple[int, int]:
@@ -277,7 +297,7 @@ def select_landmark_sequence(
         values, points_mm, valid: candidates (K, M), (K, M, 3) LPS mm, (K, M); slot 0 = global max.
         z_range_mm: (bottom, top) world z of the column (`column_z_range_mm`).
         border_distance_for_best_index_mm: the reference's 15 voxels at 2 mm.
-        search: the sequence search, `best_sequence_dp` (tests pass an exhaustive one).
+        search: `best_sequence_dp` or `best_sequence_brute_force`.
         Other keyword arguments: the reference's names and defaults (distances in mm).
     """
     values, points_mm, valid = _as_candidate_arrays(values, points_mm, valid)
