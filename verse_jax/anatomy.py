@@ -144,11 +144,12 @@ def signed_distance(shape: Shape, u: np.ndarray, v: np.ndarray, w: np.ndarray) -
         float32 signed distances in mm, shaped like ``u``.
     """
     p = shape.params
-    if shape.kind == "body":  # (a, b, h, waist, posterior cut)
-        a, b, h, waist, cut = p
+    if shape.kind == "body":  # (a, b, h, waist, posterior cut, anterior wedge fraction)
+        a, b, h, waist, cut, wedge = p
         scale = 1.0 - waist * (1.0 - np.minimum((w / h) ** 2, 1.0))
         sdf = (np.sqrt((u / (a * scale)) ** 2 + (v / (b * scale)) ** 2) - 1.0) * (b * scale)
-        return np.maximum(np.maximum(sdf, np.abs(w) - h), v - cut)
+        top = h - (2 * h * wedge) * np.clip((b - v) / (2 * b), 0.0, 1.0) if wedge else h
+        return np.maximum(np.maximum(sdf, np.maximum(w - top, -h - w)), v - cut)
     if (
         shape.kind == "annulus"
     ):  # (v centre, inner u radius, inner v radius, thickness, h, w0, vmin)
@@ -264,6 +265,9 @@ def sample_spine(rng: np.random.Generator, extra: str = "none") -> Spine:
         jitter = 1.0 + 0.03 * rng.standard_normal()
         dims.append({k: interpolate(_DIMS, k, _LEVEL[label]) * scale * jitter for k in _DIMS})
         dims[-1]["spine_deg"] /= scale * jitter
+        fractured = 9.5 < _LEVEL[label] and rng.random() < 0.02  # T4 and below
+        dims[-1]["wedge"] = rng.uniform(0.1, 0.3) if fractured else 0.0
+        dims[-1]["hu_offset"] = rng.normal(0.0, 20.0)
     arc = [0.0, dims[1]["h"] + 12.0 * scale]
     for k in range(1, len(labels) - 1):
         arc.append(arc[-1] + dims[k]["h"] + dims[k]["disc"] + dims[k + 1]["h"])
@@ -407,7 +411,7 @@ def vertebra_shapes(vert: Vertebra) -> list[Shape]:
         "body",
         c,
         r,
-        (a, b, h, 0.06, 0.8 * b),
+        (a, b, h, 0.06, 0.8 * b, d["wedge"]),
         np.array([-a, -b, -h]),
         np.array([a, b, h]),
         label=label,
@@ -470,7 +474,7 @@ def disc_shapes(spine: Spine, hu: float) -> list[Shape]:
                 "body",
                 centre,
                 rotation,
-                (a, b, h, -0.04, 0.8 * b),
+                (a, b, h, -0.04, 0.8 * b, 0.0),
                 np.array([-1.1 * a, -1.1 * b, -h]),
                 np.array([1.1 * a, b, h]),
                 tissue="disc",
@@ -511,7 +515,7 @@ def pelvis_shapes(spine: Spine) -> list[Shape]:
     for j, ((c, r), (a, b, h)) in enumerate(zip(spine.sacrum, _SACRUM, strict=True)):
         a, b, h = a * k, b * k, (h + 1) * k
         shapes.append(
-            Shape("body", c, r, (a, b, h, 0.0, b), np.array([-a, -b, -h]), np.array([a, b, h]))
+            Shape("body", c, r, (a, b, h, 0.0, b, 0.0), np.array([-a, -b, -h]), np.array([a, b, h]))
         )
         shapes.append(
             _capsule_shape(

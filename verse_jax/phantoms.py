@@ -23,6 +23,7 @@ import numpy as np
 from verse_jax import anatomy
 from verse_jax.geometry import Geometry, Volume, codes_to_axes
 from verse_jax.io import Centroids, write_centroids, write_mask, write_volume
+from verse_jax.labels import T13
 
 logger = logging.getLogger(__name__)
 
@@ -61,17 +62,19 @@ class Phantom:
 def direction_matrix(orientation: str, rng: np.random.Generator) -> np.ndarray:
     """(3, 3) direction matrix of an orientation code ('RAS', 'PIR', ...) or 'oblique'.
 
-    'oblique' is a random one of RAS / LPS / PIR turned by 3-15 degrees about a random axis, so
-    that the direction is not a permutation.
+    'oblique' is a random one of RAS / LPS / PIR turned by 2-10 degrees about each world axis, so
+    that no index axis is parallel to a world axis.
     """
     if orientation == "oblique":
-        base = direction_matrix(str(rng.choice(["RAS", "LPS", "PIR"])), rng)
-        axis = rng.standard_normal(3)
-        axis /= np.linalg.norm(axis)
-        angle = np.deg2rad(rng.uniform(3.0, 15.0))
-        cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-        turn = np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
-        return turn @ base
+        turn = direction_matrix(str(rng.choice(["RAS", "LPS", "PIR"])), rng)
+        for axis in rng.permutation(3):  # 2-10 degrees about each world axis: no column stays put
+            angle = np.deg2rad(rng.choice([-1, 1]) * rng.uniform(2.0, 10.0))
+            c, s = np.cos(angle), np.sin(angle)
+            i, j = [a for a in range(3) if a != axis]
+            step = np.eye(3)
+            step[i, i], step[i, j], step[j, i], step[j, j] = c, -s, s, c
+            turn = step @ turn
+        return turn
     world_axis, sign = codes_to_axes(tuple(orientation))
     matrix = np.zeros((3, 3))
     for column, (row, s) in enumerate(zip(world_axis, sign, strict=True)):
@@ -118,9 +121,15 @@ def _grid(rng, spine, fov, spacing_mm, orientation, max_voxels) -> Geometry:
     matrix = direction_matrix(orientation, rng)
     index_extent = np.abs(matrix).T @ extent
     size = np.maximum(np.ceil(index_extent / spacing), 4).astype(int)
-    if np.prod(size.astype(np.float64)) > max_voxels:
-        spacing = spacing * (np.prod(size.astype(np.float64)) / max_voxels) ** (1 / 3) * 1.01
+    excess = np.prod(size.astype(np.float64)) / max_voxels
+    if excess > 1:  # coarser in-plane first (up to 1.5 mm or the slice spacing), then all axes
+        in_plane = min(spacing[0] * np.sqrt(excess), max(spacing[0], spacing[2], 1.5))
+        spacing[:2] *= in_plane / spacing[0]
         size = np.maximum(np.ceil(index_extent / spacing), 4).astype(int)
+        excess = np.prod(size.astype(np.float64)) / max_voxels
+        if excess > 1:
+            spacing *= excess ** (1 / 3) * 1.01
+            size = np.maximum(np.ceil(index_extent / spacing), 4).astype(int)
     origin = centre - matrix @ ((size - 1) / 2 * spacing)
     return Geometry(tuple(size), tuple(spacing), tuple(origin), tuple(matrix.reshape(-1)))
 
@@ -224,7 +233,11 @@ def _render(shapes, spine, geometry, hu, rng) -> tuple[np.ndarray, np.ndarray]:
     near = bone < width
     depth = bone[near]
     inner = _ramp(depth + hu["cortex_mm"], width)
-    value = hu["cortical"] + inner * (hu["cancellous"] - hu["cortical"])
+    offsets = np.zeros(T13 + 1, np.float32)  # per-vertebra bone density offset (HU)
+    for vert in spine.vertebrae:
+        offsets[vert.label] = vert.dims["hu_offset"]
+    cancellous = hu["cancellous"] + offsets[labels[near]]
+    value = hu["cortical"] + inner * (cancellous - hu["cortical"])
     image[near] += _ramp(depth, width) * (value - image[near])
     labels[vertebra >= 0] = 0
     return image, labels
