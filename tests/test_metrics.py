@@ -13,6 +13,7 @@ from verse_jax.metrics import (
     aggregate_metrics,
     dice_score,
     hausdorff_distance_mm,
+    landmark_localization_metrics,
     localization_metrics,
     segmentation_metrics,
 )
@@ -66,6 +67,18 @@ def test_equidistant_ground_truth_goes_to_the_lower_label():
     pred = (np.array([20, 21]), np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -15.0]]))
     m = localization_metrics(pred, (GT_LABELS[:2], GT_POINTS[:2]))
     assert m.hit_labels == (20,)
+
+
+def test_landmark_arrays_use_label_ids():
+    points = np.zeros((25, 3))
+    valid = np.zeros(25, bool)
+    points[19:22], valid[19:22] = GT_POINTS, True  # indices 19..21 are L1..L3 (ids 20..22)
+    pred_valid = valid.copy()
+    pred_valid[19] = False
+    m = landmark_localization_metrics(points, pred_valid, points, valid)
+    assert m.hit_labels == (21, 22) and m.missing_labels == (20,) and m.id_rate == 2 / 3
+    with pytest.raises(ValueError, match="landmarks"):
+        landmark_localization_metrics(points[:, :2], valid, points, valid)
 
 
 def test_bad_centroids_raise():

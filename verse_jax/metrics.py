@@ -4,7 +4,8 @@ Definitions follow REFERENCE.md section 8. Centroids are `(labels (N,), points_m
 records with those attributes (`verse_jax.io.Centroids`), in a common physical frame (mm). Masks are
 `(x, y, z)` integer label maps on one grid with `spacing_mm` (x, y, z). Missing vertebrae (in the
 ground truth, not predicted) and extra ones (predicted, not in the ground truth) are always counted
-and listed; how each mean treats them is stated on each field.
+and listed; how each mean treats them is stated on each field. Metrics are computed on the given
+grid in physical mm (the VerSe evaluation first resampled masks to 1 mm).
 """
 
 import dataclasses
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.ndimage
+
+from verse_jax.labels import index_to_label_array
 
 
 def _centroid_arrays(centroids, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -103,6 +106,29 @@ def localization_metrics(pred, gt, *, max_distance_mm: float = 20.0) -> Localiza
         missing_labels=tuple(int(k) for k in np.setdiff1d(gt_labels, pred_labels)),
         extra_labels=tuple(int(k) for k in np.setdiff1d(pred_labels, gt_labels)),
     )
+
+
+def landmark_localization_metrics(
+    pred_points_mm, pred_valid, gt_points_mm, gt_valid, *, max_distance_mm: float = 20.0
+) -> LocalizationMetrics:
+    """`localization_metrics` for landmark arrays: `(points_mm (K, 3), valid (K,))` pairs.
+
+    Landmark index k is VerSe label `verse_jax.labels.index_to_label(k)` (K = 25 or 26).
+    """
+    pairs = []
+    for name, points_mm, valid in (
+        ("predicted", pred_points_mm, pred_valid),
+        ("ground-truth", gt_points_mm, gt_valid),
+    ):
+        points_mm, valid = np.asarray(points_mm, np.float64), np.asarray(valid, bool)
+        if valid.ndim != 1 or points_mm.shape != (valid.shape[0], 3):
+            raise ValueError(
+                f"{name} landmarks must be points_mm (K, 3) and valid (K,), "
+                f"got {points_mm.shape} and {valid.shape}"
+            )
+        labels = index_to_label_array(valid.shape[0])
+        pairs.append((labels[valid], points_mm[valid]))
+    return localization_metrics(pairs[0], pairs[1], max_distance_mm=max_distance_mm)
 
 
 def dice_score(a, b) -> float:
