@@ -117,22 +117,24 @@ def test_float_mask_is_read_as_labels_and_fractions_refused(tmp_path):
         io.write_mask(tmp_path / "neg_msk.nii.gz", Volume(labels, geometry))
 
 
-def _write_dicom_series(folder, array_zyx, spacing, origin):
-    """Axial int16 DICOM series (identity direction), one file per z slice."""
+def _write_dicom_series(folder, volume: Volume):
+    """int16 DICOM series of a volume (right-handed direction), one file per index-z slice."""
     folder.mkdir()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     series_uid = "1.2.826.0.1.3680043.2.1125.1.424242"
-    for k, plane in enumerate(array_zyx):
-        image = sitk.GetImageFromArray(plane[None])
-        image.SetSpacing(spacing)  # the writer derives pixel spacing / position tags from these
-        image.SetOrigin((origin[0], origin[1], origin[2] + k * spacing[2]))
+    geometry = volume.geometry
+    for k in range(geometry.size[2]):
+        # The writer derives pixel spacing, position and orientation tags from the slice image.
+        origin = geometry.index_to_physical([0.0, 0.0, k])
+        plane = Geometry((*geometry.size[:2], 1), geometry.spacing_mm, origin, geometry.direction)
+        image = io.volume_to_sitk(Volume(volume.array[:, :, k : k + 1], plane))
         tags = {
             "0008|0060": "CT",
             "0020|000d": series_uid + ".0",
             "0020|000e": series_uid,
             "0020|0013": str(k + 1),
-            "0018|0050": f"{spacing[2]:.6f}",
+            "0018|0050": f"{geometry.spacing_mm[2]:.6f}",
             "0008|0018": f"{series_uid}.{k + 1}",
         }
         for tag, value in tags.items():
@@ -141,13 +143,15 @@ def _write_dicom_series(folder, array_zyx, spacing, origin):
         writer.Execute(image)
 
 
-def test_read_dicom_series(tmp_path):
-    array_zyx = np.random.default_rng(3).integers(-1000, 2000, size=(5, 6, 7)).astype(np.int16)
-    _write_dicom_series(tmp_path / "series", array_zyx, (0.5, 0.75, 2.0), (-10.0, 20.0, 30.0))
+@pytest.mark.parametrize("name", ["LPS", "oblique"])
+def test_read_dicom_series(tmp_path, name):
+    geometry = Geometry((7, 6, 5), (0.5, 0.75, 2.0), (-10.0, 20.0, 30.0), _geometry(name).direction)
+    array = np.random.default_rng(3).integers(-1000, 2000, size=geometry.size).astype(np.int16)
+    _write_dicom_series(tmp_path / "series", Volume(array, geometry))
     volume = io.read_volume(tmp_path / "series")
-    np.testing.assert_array_equal(volume.array, np.transpose(array_zyx, (2, 1, 0)))
-    expected = Geometry((7, 6, 5), (0.5, 0.75, 2.0), (-10.0, 20.0, 30.0))
-    _assert_same_geometry(volume.geometry, expected)
+    assert volume.array.dtype == np.int16
+    np.testing.assert_array_equal(volume.array, array)
+    _assert_same_geometry(volume.geometry, geometry)
     (tmp_path / "empty").mkdir()
     with pytest.raises(io.VerseFormatError, match="empty.*no DICOM"):
         io.read_volume(tmp_path / "empty")

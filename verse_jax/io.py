@@ -165,7 +165,7 @@ def read_volume(path) -> Volume:
 def _as_labels(array: np.ndarray, path) -> np.ndarray:
     """Integer-valued label array (any dtype) -> uint16; VerseFormatError otherwise."""
     if array.dtype == np.bool_:
-        return array.astype(np.uint16)
+        return array.astype(np.uint16, copy=False)
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(np.isfinite(array)):
             raise VerseFormatError(f"{path}: mask holds non-finite values")
@@ -179,7 +179,7 @@ def _as_labels(array: np.ndarray, path) -> np.ndarray:
         raise VerseFormatError(
             f"{path}: mask labels must lie in 0..65535, got {array.min()}..{array.max()}"
         )
-    return array.astype(np.uint16)
+    return array.astype(np.uint16, copy=False)
 
 
 def read_mask(path) -> Volume:
