@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from verse_jax import io
 from verse_jax.metrics import (
     CaseMetrics,
     aggregate_metrics,
@@ -166,7 +167,6 @@ def test_aggregate_over_cases():
 
 
 def test_real_sample_mask_and_centroids(verse_sample):
-    io = pytest.importorskip("verse_jax.io")
     mask = io.read_mask(verse_sample / "sub-verse004_seg-vert_msk.nii.gz")
     centroids = io.read_centroids(verse_sample / "sub-verse004_seg-subreg_ctd.json", mask.geometry)
     # Centres of mass of the whole vertebrae (body + arch) identify every annotated body centroid.

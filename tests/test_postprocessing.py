@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from verse_jax.geometry import Geometry
 from verse_jax.postprocessing import (
     LabelFusion,
     best_sequence_brute_force,
@@ -168,26 +169,15 @@ def test_bad_candidate_shapes_raise():
 
 
 def test_column_z_range_mm():
-    geometry = pytest.importorskip("verse_jax.geometry").Geometry(
-        size=(4, 4, 50), spacing_mm=(2.0, 2.0, 2.0), origin_mm=(0.0, 0.0, -30.0)
-    )
+    geometry = Geometry(size=(4, 4, 50), spacing_mm=(2.0, 2.0, 2.0), origin_mm=(0.0, 0.0, -30.0))
     assert column_z_range_mm(geometry) == (-30.0, 70.0)
 
 
 HEATMAP_SHAPE = (12, 12, 60)  # one shape for both tests: find_candidates compiles once
 
 
-def candidate_modules():
-    heatmaps_module = pytest.importorskip("verse_jax.heatmaps")
-    if not hasattr(heatmaps_module, "find_candidates"):
-        pytest.skip("verse_jax.heatmaps.find_candidates not there yet")
-    return pytest.importorskip("verse_jax.geometry")
-
-
 def test_landmark_candidates_in_mm():
-    geometry = candidate_modules().Geometry(
-        size=HEATMAP_SHAPE, spacing_mm=(2.0, 2.0, 2.0), origin_mm=(10.0, 0.0, -5.0)
-    )
+    geometry = Geometry(size=HEATMAP_SHAPE, spacing_mm=(2.0, 2.0, 2.0), origin_mm=(10.0, 0.0, -5.0))
     heatmaps = np.zeros(HEATMAP_SHAPE + (5,), np.float32)
     heatmaps[3, 4, 5, 0] = 1.0
     heatmaps[2, 2, 15, 1] = 0.8
@@ -201,9 +191,7 @@ def test_landmark_candidates_in_mm():
 
 
 def test_heatmaps_to_sequence_end_to_end():
-    geometry = candidate_modules().Geometry(
-        size=HEATMAP_SHAPE, spacing_mm=(2.0, 2.0, 2.0), origin_mm=(0.0, 0.0, -50.0)
-    )
+    geometry = Geometry(size=HEATMAP_SHAPE, spacing_mm=(2.0, 2.0, 2.0), origin_mm=(0.0, 0.0, -50.0))
     truth_vox = np.array([[6.0, 6.0, z] for z in (50.0, 38.0, 26.0, 14.0, 2.0)])  # 24 mm apart
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in HEATMAP_SHAPE], indexing="ij"), -1)
     d2 = np.sum((grid[..., None, :] - truth_vox) ** 2, axis=-1)  # (x, y, z, K)

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 import scipy.ndimage
 
+from verse_jax.heatmaps import find_candidates
+
 _NEG_INF = -np.inf
 
 
@@ -39,8 +41,6 @@ class LandmarkCandidates(NamedTuple):
     jax.jit, static_argnames=("max_candidates", "min_distance_vox", "min_max_value", "rel")
 )
 def _find_per_channel(heatmaps, *, max_candidates, min_distance_vox, min_max_value, rel):
-    from verse_jax.heatmaps import find_candidates  # landmark peaks are the [models] module's job
-
     find = functools.partial(
         find_candidates,
         max_candidates=max_candidates,
