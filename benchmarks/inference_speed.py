@@ -1,0 +1,374 @@
+"""Inference throughput, side by side in one run: the headline benchmark of verse-jax.
+
+SCN sliding-window inference on a realistic column (default 96 x 96 x 400 voxels at 2 mm, 128-slice
+windows with a 96-voxel overlap, i.e. stride 32 and 10 windows), three contenders on the same weights:
+
+  (a) ours: `verse_jax.inference.sliding_window` (all windows in one jitted function, vmapped batches);
+  (b) the original's way: a Python loop over windows, one jitted network call each, max on the host;
+  (c) PyTorch + MONAI `sliding_window_inference` on the same architecture and windows (needs the
+      optional `bench` extra; weights copied over, outputs compared with our mean merge, as MONAI
+      averages overlapping windows).
+
+Compile time is reported apart. Then windows/s, voxels/s, achieved FLOP/s (XLA `cost_analysis`) as a
+fraction of this device's matmul peak measured in the same run, and the ratios. Also: segmentation
+(all vertebra crops in one batch vs one at a time), whole-column inference vs windows, and one whole
+`predict_case`. Contenders alternate within each repeat; ratios are medians of per-repeat ratios.
+
+    python benchmarks/inference_speed.py                 # paper networks (minutes on a CPU)
+    python benchmarks/inference_speed.py --quick         # smoke run (tiny networks)
+    python benchmarks/inference_speed.py --dtype bfloat16 --batch-sizes 1,2,5
+
+Writes `benchmarks/results/<device>-<date>.json`.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from verse_jax import bundle as bundle_lib
+from verse_jax import inference, phantoms, pipeline, postprocessing
+from verse_jax.geometry import Geometry
+from verse_jax.models import vertebrae_localization_net, vertebrae_segmentation_net
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", default="paper", choices=["paper", "demo", "tiny"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--column-z", type=int, default=400, help="column length in slices")
+    p.add_argument("--window-z", type=int, default=128)
+    p.add_argument("--overlap", type=int, default=96, help="window overlap in slices")
+    p.add_argument("--xy", type=int, default=96, help="column x and y size in voxels")
+    p.add_argument("--batch-sizes", default="1,2", help="windows per network call, comma list")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--seg-vertebrae", type=int, default=4, help="crops in the segmentation test")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch/MONAI contender")
+    p.add_argument("--skip", default="", help="comma list of sections: seg,column,predict")
+    p.add_argument("--quick", action="store_true", help="tiny networks and sizes, one repeat")
+    p.add_argument("--out", default=None, help="result JSON path")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.preset, args.column_z, args.window_z, args.overlap, args.xy = "tiny", 48, 16, 8, 16
+        args.repeats, args.seg_vertebrae, args.batch_sizes = 1, 2, "1,2"
+    return args
+
+
+def timed(fn, *args):
+    """(seconds, result) of fn(*args) with the result made ready."""
+    tic = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return time.perf_counter() - tic, out
+
+
+def matmul_peak(dtype, n: int) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype` (best of 3), the practical peak of this device."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(f(a, a))
+    return 2.0 * n**3 / min(timed(f, a, a)[0] for _ in range(3))
+
+
+def flops_of(fn, *args) -> float:
+    """FLOPs of one call as XLA counts them (`cost_analysis` of the compiled function)."""
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def loop_windows(apply_one, column: np.ndarray, window_z: int, overlap_z: int) -> np.ndarray:
+    """The original's way: one network call per window, merged by max on the host from zeros."""
+    size_z = column.shape[2]
+    stride = window_z - overlap_z
+    n = inference.num_windows(size_z, window_z=window_z, overlap_z=overlap_z)
+    merged = None
+    for i in range(n):
+        start = min(i * stride, size_z - window_z)
+        pred = np.asarray(apply_one(column[None, :, :, start : start + window_z]))[0]
+        if merged is None:
+            merged = np.zeros(pred.shape[:2] + (size_z,) + pred.shape[3:], pred.dtype)
+        view = merged[:, :, start : start + window_z]
+        np.maximum(view, pred, out=view)
+    return merged
+
+
+def scn_section(args, rows, result):
+    dtype = jnp.dtype(args.dtype)
+    net = vertebrae_localization_net(preset=args.preset, dtype=dtype)
+    window = (args.xy, args.xy, args.window_z)
+    params = bundle_lib.random_params(
+        jax.eval_shape(
+            lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, *window, 1)), train=False)
+        )["params"],
+        seed=0,
+    )
+    rng = np.random.default_rng(0)
+    column = rng.uniform(-1, 1, (args.xy, args.xy, args.column_z, 1)).astype(np.float32)
+    n_win = inference.num_windows(args.column_z, window_z=args.window_z, overlap_z=args.overlap)
+    apply_partial = jax.tree_util.Partial(bundle_lib.apply_function(net, "heatmaps"), params)
+    apply_one = jax.jit(lambda x: net.apply({"params": params}, x, train=False).heatmaps)
+    win_flops = flops_of(apply_one, jnp.zeros((1, *window, 1)))
+    result["scn"] = {"windows": n_win, "flops_per_window": win_flops, "window": window}
+    peak = result["peak_flops"]
+
+    def ours(bs, merge="max"):
+        return inference.sliding_window(
+            apply_partial,
+            jnp.asarray(column),
+            window_z=args.window_z,
+            overlap_z=args.overlap,
+            batch_size=bs,
+            merge=merge,
+        )
+
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    contenders = {f"ours bs={b}": (lambda b=b: ours(b)) for b in batch_sizes}
+    contenders["loop (original)"] = lambda: loop_windows(
+        apply_one, column, args.window_z, args.overlap
+    )
+    torch_fn, torch_out = torch_contender(args, net, params, column, n_win)
+    if torch_fn is not None:
+        contenders["torch+MONAI bs=1"] = torch_fn
+    compile_s, times = {}, {name: [] for name in contenders}
+    for name, fn in contenders.items():  # first call: compile (JAX) / warm-up (torch)
+        compile_s[name] = timed(fn)[0]
+    for _ in range(args.repeats):
+        for name, fn in contenders.items():
+            times[name].append(timed(fn)[0])
+    for name in contenders:
+        best = min(times[name])
+        compile_s[name] = max(0.0, compile_s[name] - best)
+        rows.append(
+            {
+                "section": "scn column",
+                "contender": name,
+                "seconds": best,
+                "compile_s": compile_s[name],
+                "windows_per_s": n_win / best,
+                "voxels_per_s": float(np.prod(column.shape[:3])) / best,
+                "flop_fraction_of_peak": n_win * win_flops / best / peak,
+            }
+        )
+    for b in batch_sizes:
+        ours_t = times[f"ours bs={b}"]
+        rows[-len(contenders) + batch_sizes.index(b)]["ratio_vs_loop"] = statistics.median(
+            lo / o for lo, o in zip(times["loop (original)"], ours_t, strict=True)
+        )
+        if torch_fn is not None:
+            rows[-len(contenders) + batch_sizes.index(b)]["ratio_vs_torch"] = statistics.median(
+                t / o for t, o in zip(times["torch+MONAI bs=1"], ours_t, strict=True)
+            )
+    ours_max = np.asarray(ours(batch_sizes[0]))
+    loop_max = loop_windows(apply_one, column, args.window_z, args.overlap)
+    result["scn"]["max_abs_diff_ours_vs_loop"] = float(np.abs(ours_max - loop_max).max())
+    if torch_out is not None:
+        ours_mean = np.asarray(ours(batch_sizes[0], merge="mean"))
+        scale = float(np.abs(ours_mean).max()) or 1.0
+        result["scn"]["rel_diff_ours_mean_vs_torch"] = float(
+            np.abs(ours_mean - torch_out).max() / scale
+        )
+    return net, params, column, apply_one
+
+
+def torch_contender(args, net, params, column, n_win):
+    """(timed fn, output (x, y, z, K) of one run) of PyTorch + MONAI, or (None, None)."""
+    if args.no_torch:
+        return None, None
+    try:
+        import torch
+        import torch_models
+        from monai.inferers import sliding_window_inference
+    except ImportError:
+        print("torch/monai not installed (pip install -e '.[bench]'): skipping contender (c)")
+        return None, None
+    torch.set_num_threads(os.cpu_count() or 1)
+    twin = torch_models.TorchSCN(
+        (args.xy, args.xy, args.window_z),
+        num_landmarks=net.num_landmarks,
+        filters=net.num_filters_base,
+        num_levels=net.num_levels,
+        downsample=net.spatial_downsample,
+    )
+    torch_models.load_flax_params(twin, params)
+    x = torch_models.to_torch(column[None])
+    overlap = (0.0, 0.0, args.overlap / args.window_z)
+
+    def run():
+        with torch.no_grad():
+            return sliding_window_inference(
+                x, (args.xy, args.xy, args.window_z), 1, twin, overlap=overlap, mode="constant"
+            )
+
+    return run, torch_models.from_torch(run())[0]
+
+
+def seg_section(args, rows):
+    dtype = jnp.dtype(args.dtype)
+    net = vertebrae_segmentation_net(preset=args.preset, dtype=dtype)
+    crop = (16, 16, 16) if args.quick else (128, 128, 96)
+    shape = (args.seg_vertebrae, *crop, 2)
+    init = lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, *crop, 2)), train=False)
+    params = bundle_lib.random_params(jax.eval_shape(init)["params"], seed=1)
+    x = jax.random.normal(jax.random.PRNGKey(1), shape)
+    batched = jax.jit(lambda p, v: jax.nn.sigmoid(net.apply({"params": p}, v, train=False)))
+    compile_b = timed(batched, params, x)[0]
+    compile_o = timed(batched, params, x[:1])[0]
+    t_batch, t_one = [], []
+    for _ in range(args.repeats):
+        t_batch.append(timed(batched, params, x)[0])
+        tic = time.perf_counter()
+        for i in range(shape[0]):
+            jax.block_until_ready(batched(params, x[i : i + 1]))
+        t_one.append(time.perf_counter() - tic)
+    ratio = statistics.median(o / b for o, b in zip(t_one, t_batch, strict=True))
+    for name, t, c, r in (
+        (f"all {shape[0]} crops in one batch", t_batch, compile_b, ratio),
+        ("one crop at a time", t_one, compile_o, None),
+    ):
+        rows.append(
+            {
+                "section": "segmentation",
+                "contender": name,
+                "seconds": min(t),
+                "compile_s": max(0.0, c - min(t)),
+                "crops_per_s": shape[0] / min(t),
+                "ratio_vs_one_at_a_time": r,
+            }
+        )
+
+
+def column_section(args, rows, result, net, params, column, apply_one):
+    """Whole column through the fully convolutional network vs windows: FLOPs, time, heatmaps."""
+    divisor = int(np.lcm(2 ** (net.num_levels - 1), net.spatial_downsample))
+    size_z = column.shape[2] // divisor * divisor
+    col = jnp.asarray(column[None, :, :, :size_z])
+    whole = jax.jit(lambda x: net.apply({"params": params}, x, train=False).heatmaps)
+    flops_whole = flops_of(whole, col)
+    compile_s = timed(whole, col)[0]
+    t_whole = min(timed(whole, col)[0] for _ in range(args.repeats))
+    out_whole = np.maximum(np.asarray(whole(col))[0], 0.0)
+    out_win = loop_windows(apply_one, np.asarray(col[0]), args.window_z, args.overlap)
+    n_win = inference.num_windows(size_z, window_z=args.window_z, overlap_z=args.overlap)
+    rows.append(
+        {
+            "section": "whole column",
+            "contender": f"whole column z={size_z}",
+            "seconds": t_whole,
+            "compile_s": max(0.0, compile_s - t_whole),
+            "flops": flops_whole,
+            "flops_windows": n_win * result["scn"]["flops_per_window"],
+        }
+    )
+    scale = float(np.abs(out_win).max()) or 1.0
+    result["whole_column"] = {
+        "rel_heatmap_diff_vs_windows": float(np.abs(out_whole - out_win).max() / scale),
+        "landmarks": "random weights: see tests/benchmark notes for trained phantom comparison",
+    }
+    grid = Geometry(tuple(out_win.shape[:3]), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    moved = []
+    for heat in (out_win, out_whole):
+        cand = postprocessing.landmark_candidates(heat, grid, min_distance_vox=7.0)
+        moved.append(cand)
+    both = moved[0].valid[:, 0] & moved[1].valid[:, 0]
+    if both.any():
+        d = np.linalg.norm(moved[0].points_mm[both, 0] - moved[1].points_mm[both, 0], axis=-1)
+        result["whole_column"]["global_max_shift_mm_max"] = float(d.max())
+
+
+def predict_section(args, rows):
+    image = phantoms.generate_phantom(3, fov="lumbar", spacing_mm=(1.0, 1.0, 2.0)).image
+    with tempfile.TemporaryDirectory() as tmp:
+        grids = None
+        if args.quick:
+            grids = {
+                "spine": {"spacing_mm": 8.0, "crop_size": [32, 32, 64], "smoothing_mm": 3.0},
+                "scn": {"spacing_mm": 4.0, "crop_size": [32, 32, 32], "smoothing_mm": 0.75},
+                "seg": {"spacing_mm": 2.0, "crop_size": [32, 32, 32], "smoothing_mm": 0.75},
+            }
+        path = bundle_lib.random_bundle(
+            pathlib.Path(tmp) / "b", preset=args.preset, grids=grids, network_kwargs=None
+        )
+        bundle = bundle_lib.load_bundle(path)
+        times = []
+        for _ in range(1 if args.quick else 2):
+            try:
+                times.append(timed(lambda: pipeline.predict_case(image, bundle)[1].array)[0])
+            except pipeline.NoSpineFoundError as err:  # random weights may find nothing
+                print(f"predict_case: {err}")
+                return
+    rows.append(
+        {
+            "section": "predict_case",
+            "contender": f"phantom {image.geometry.size} ({args.preset} random weights)",
+            "seconds": min(times),
+            "first_call_s": times[0],
+        }
+    )
+
+
+def print_table(rows):
+    keys = ["seconds", "compile_s", "windows_per_s", "flop_fraction_of_peak"]
+    keys += ["ratio_vs_loop", "ratio_vs_torch", "ratio_vs_one_at_a_time"]
+    print(f"{'section':<14} {'contender':<34} " + " ".join(f"{k:>14}" for k in keys))
+    for row in rows:
+        cells = []
+        for k in keys:
+            v = row.get(k)
+            cells.append(f"{v:>14.3g}" if isinstance(v, float | int) else f"{'':>14}")
+        print(f"{row['section']:<14} {row['contender']:<34} " + " ".join(cells))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = jax.devices()[0]
+    dtype = jnp.dtype(args.dtype)
+    result = {
+        "benchmark": "inference_speed",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": f"{device.platform}:{device.device_kind}",
+        "cpu_count": os.cpu_count(),
+        "args": vars(args),
+        "jax": jax.__version__,
+        "peak_flops": matmul_peak(dtype, 512 if args.quick else 2048),
+    }
+    rows = []
+    skip = set(filter(None, args.skip.split(",")))
+    net, params, column, apply_one = scn_section(args, rows, result)
+    if "column" not in skip:
+        column_section(args, rows, result, net, params, column, apply_one)
+    if "seg" not in skip:
+        seg_section(args, rows)
+    if "predict" not in skip:
+        predict_section(args, rows)
+    result["rows"] = rows
+    print(f"device {result['device']}, matmul peak {result['peak_flops'] / 1e9:.0f} GFLOP/s")
+    print_table(rows)
+    print(json.dumps({k: v for k, v in result.items() if k in ("scn", "whole_column")}, indent=1))
+    out = (
+        pathlib.Path(args.out)
+        if args.out
+        else RESULTS
+        / (f"{device.platform}-{args.preset}-{args.dtype}-{datetime.date.today()}.json")
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
