@@ -1,9 +1,10 @@
 """Inference throughput, side by side in one run: the headline benchmark of verse-jax.
 
-SCN sliding-window inference on a realistic column (default 96 x 96 x 400 voxels at 2 mm, 128-slice
-windows with a 96-voxel overlap, i.e. stride 32 and 10 windows), three contenders on the same weights:
+SCN sliding-window inference on a realistic column (default 96 x 96 x 400 voxels at 2 mm,
+128-slice windows with a 96-voxel overlap, i.e. stride 32 and 10 windows), three contenders on the
+same weights:
 
-  (a) ours: `verse_jax.inference.sliding_window` (all windows in one jitted function, vmapped batches);
+  (a) ours: `verse_jax.inference.sliding_window` (all windows in one jitted function, batched);
   (b) the original's way: a Python loop over windows, one jitted network call each, max on the host;
   (c) PyTorch + MONAI `sliding_window_inference` on the same architecture and windows (needs the
       optional `bench` extra; weights copied over, outputs compared with our mean merge, as MONAI

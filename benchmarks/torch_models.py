@@ -1,10 +1,10 @@
-"""PyTorch twins of the verse-jax networks, for benchmark baselines only (never used by the library).
+"""PyTorch twins of the verse-jax networks, for benchmark baselines only (not used by the library).
 
 The modules mirror `verse_jax.models` layer by layer (same convolutions, pooling, upsampling and
 activations) and take their weights from a Flax parameter tree with `load_flax_params`, so that the
 same weights run in both frameworks and outputs can be compared. Layout: torch's NCDHW with
 D, H, W = our x, y, z. Tricubic upsampling has no torch op; it is applied as one small matrix per
-axis, taken from `jax.image.resize` itself, so the two agree exactly (edge renormalisation included).
+axis, taken from `jax.image.resize` itself, so the two agree exactly (edge renormalisation too).
 """
 
 import jax
@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 
 def resize_matrix(size_in: int, factor: int, method: str) -> np.ndarray:
-    """(size_in * factor, size_in) matrix M with resize(v) = M @ v, as `jax.image.resize` does it."""
+    """(size_in * factor, size_in) matrix M with resize(v) = M @ v, as `jax.image.resize` does."""
     eye = jnp.eye(size_in, dtype=jnp.float32)
     return np.asarray(jax.image.resize(eye, (size_in * factor, size_in), method=method))
 
