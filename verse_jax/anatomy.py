@@ -144,12 +144,14 @@ def signed_distance(shape: Shape, u: np.ndarray, v: np.ndarray, w: np.ndarray) -
         float32 signed distances in mm, shaped like ``u``.
     """
     p = shape.params
-    if shape.kind == "body":  # (a, b, h, waist, posterior cut, anterior wedge fraction)
-        a, b, h, waist, cut, wedge = p
+    if shape.kind == "body":  # (a, b, h, waist, posterior cut, wedge, endplate concavity)
+        a, b, h, waist, cut, wedge, concave = p
         scale = 1.0 - waist * (1.0 - np.minimum((w / h) ** 2, 1.0))
-        sdf = (np.sqrt((u / (a * scale)) ** 2 + (v / (b * scale)) ** 2) - 1.0) * (b * scale)
+        radial = np.sqrt((u / (a * scale)) ** 2 + (v / (b * scale)) ** 2)
+        sdf = (radial - 1.0) * (b * scale)
+        dip = (concave * h) * (1.0 - np.minimum(radial, 1.0) ** 2)
         top = h - (2 * h * wedge) * np.clip((b - v) / (2 * b), 0.0, 1.0) if wedge else h
-        return np.maximum(np.maximum(sdf, np.maximum(w - top, -h - w)), v - cut)
+        return np.maximum(np.maximum(sdf, np.maximum(w - top + dip, -h - w + dip)), v - cut)
     if (
         shape.kind == "annulus"
     ):  # (v centre, inner u radius, inner v radius, thickness, h, w0, vmin)
@@ -235,10 +237,10 @@ def _curve_offsets(rng, t, marks) -> tuple[np.ndarray, np.ndarray]:
     below = np.maximum(t - (s1 - 15), 0.0)
     y = y + np.where(below < 60, 0.01 * below**2, 36 + 1.2 * (below - 60))
     x = rng.uniform(-0.03, 0.03) * t
-    if rng.random() < 0.35:  # marked scoliosis: a primary and a compensating curve
+    if rng.random() < 0.25:  # marked scoliosis: a primary and a compensating curve
         start = rng.uniform(t1 - 40, l1 - 120)
         mid = start + rng.uniform(120, 220)
-        amplitude = rng.choice([-1, 1]) * rng.uniform(12, 35)
+        amplitude = rng.choice([-1, 1]) * rng.uniform(8, 30)
         x = x + amplitude * _bump(t, start, mid)
         x = x - amplitude * rng.uniform(0.3, 0.7) * _bump(t, mid, mid + rng.uniform(100, 180))
     else:
@@ -411,7 +413,7 @@ def vertebra_shapes(vert: Vertebra) -> list[Shape]:
         "body",
         c,
         r,
-        (a, b, h, 0.06, 0.8 * b, d["wedge"]),
+        (a, b, h, 0.06, 0.8 * b, d["wedge"], 0.1),
         np.array([-a, -b, -h]),
         np.array([a, b, h]),
         label=label,
@@ -474,7 +476,7 @@ def disc_shapes(spine: Spine, hu: float) -> list[Shape]:
                 "body",
                 centre,
                 rotation,
-                (a, b, h, -0.04, 0.8 * b, 0.0),
+                (a, b, h, -0.04, 0.8 * b, 0.0, -0.1 * upper.dims["h"] / h),
                 np.array([-1.1 * a, -1.1 * b, -h]),
                 np.array([1.1 * a, b, h]),
                 tissue="disc",
@@ -515,7 +517,14 @@ def pelvis_shapes(spine: Spine) -> list[Shape]:
     for j, ((c, r), (a, b, h)) in enumerate(zip(spine.sacrum, _SACRUM, strict=True)):
         a, b, h = a * k, b * k, (h + 1) * k
         shapes.append(
-            Shape("body", c, r, (a, b, h, 0.0, b, 0.0), np.array([-a, -b, -h]), np.array([a, b, h]))
+            Shape(
+                "body",
+                c,
+                r,
+                (a, b, h, 0.0, b, 0.0, 0.0),
+                np.array([-a, -b, -h]),
+                np.array([a, b, h]),
+            )
         )
         shapes.append(
             _capsule_shape(
@@ -564,12 +573,12 @@ def skull_shape(spine: Spine) -> Shape:
 
 
 def soft_organ_shapes(spine: Spine, rng: np.random.Generator, hu: dict) -> list[Shape]:
-    """Lungs, aorta, inferior vena cava and bowel gas (not labelled).
+    """Lungs, aorta, inferior vena cava, cerebrospinal fluid and bowel gas (not labelled).
 
     Args:
         spine: the spine they are placed around.
         rng: generator for vessel sizes and gas pockets.
-        hu: intensities (HU) under the keys 'lung', 'aorta', 'ivc', 'gas'.
+        hu: intensities (HU) under the keys 'lung', 'aorta', 'ivc', 'csf', 'gas'.
     """
     by_label = {v.label: v for v in spine.vertebrae}
     shapes = []
@@ -612,6 +621,21 @@ def soft_organ_shapes(spine: Spine, rng: np.random.Generator, hu: dict) -> list[
                     v.center_mm, v.rotation, *local, (radius,) * 3, tissue="vessel", hu=hu[name]
                 )
             )
+    canal = [(v, 0.8 * v.dims["b"] + v.dims["canal_v"]) for v in spine.vertebrae[1:]]
+    for (v0, vc0), (v1, vc1) in zip(canal[:-1], canal[1:], strict=True):
+        radius = 0.8 * min(v0.dims["canal_u"], v0.dims["canal_v"])
+        p1 = v0.rotation.T @ (v1.center_mm + v1.rotation[:, 1] * vc1 - v0.center_mm)
+        shapes.append(
+            _capsule_shape(
+                v0.center_mm,
+                v0.rotation,
+                (0, vc0, 0),
+                p1,
+                (radius,) * 3,
+                tissue="vessel",
+                hu=hu["csf"],
+            )
+        )
     for _ in range(rng.poisson(2.5)):
         v = by_label[int(rng.integers(20, 25))]
         where = (rng.uniform(-80, 80), -v.dims["b"] - rng.uniform(40, 110), rng.uniform(-15, 15))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from verse_jax import anatomy
 from verse_jax.geometry import Geometry, Volume, codes_to_axes
@@ -28,7 +29,7 @@ from verse_jax.labels import T13
 logger = logging.getLogger(__name__)
 
 FIELDS_OF_VIEW = ("cervical", "cervicothoracic", "thoracic", "thoracolumbar", "lumbar", "whole")
-_FOV_PROBABILITIES = (0.15, 0.1, 0.2, 0.15, 0.3, 0.1)
+_FOV_PROBABILITIES = (0.12, 0.08, 0.18, 0.2, 0.32, 0.1)
 # Candidate (top, bottom) vertebrae per field of view (VerSe ids; 24 = the last lumbar vertebra).
 _FOV_RANGES = {
     "cervical": ((1,), (7, 8, 9)),
@@ -62,13 +63,13 @@ class Phantom:
 def direction_matrix(orientation: str, rng: np.random.Generator) -> np.ndarray:
     """(3, 3) direction matrix of an orientation code ('RAS', 'PIR', ...) or 'oblique'.
 
-    'oblique' is a random one of RAS / LPS / PIR turned by 2-10 degrees about each world axis, so
+    'oblique' is a random one of RAS / LPS / PIR turned by 2-6 degrees about each world axis, so
     that no index axis is parallel to a world axis.
     """
     if orientation == "oblique":
         turn = direction_matrix(str(rng.choice(["RAS", "LPS", "PIR"])), rng)
-        for axis in rng.permutation(3):  # 2-10 degrees about each world axis: no column stays put
-            angle = np.deg2rad(rng.choice([-1, 1]) * rng.uniform(2.0, 10.0))
+        for axis in rng.permutation(3):  # 2-6 degrees about each world axis: no column stays put
+            angle = np.deg2rad(rng.choice([-1, 1]) * rng.uniform(2.0, 6.0))
             c, s = np.cos(angle), np.sin(angle)
             i, j = [a for a in range(3) if a != axis]
             step = np.eye(3)
@@ -176,7 +177,8 @@ def _body(image, geometry, spine, hu, rng, width) -> None:
     lut_z = np.arange(z_asc[0], z_asc[-1], 1.0)
     level = np.interp(lut_z, z_asc, spine.curve_level[::-1])
     half_x, half_y, offset = (t * hu["body_scale"] for t in anatomy.body_outline(level))
-    centre_x = np.interp(lut_z, z_asc, spine.curve_mm[::-1, 0])
+    trunk_x = ndimage.uniform_filter1d(spine.curve_mm[::-1, 0], 601, mode="nearest")  # 300 mm
+    centre_x = np.interp(lut_z, z_asc, trunk_x)
     centre_y = np.interp(lut_z, z_asc, spine.curve_mm[::-1, 1]) + offset
     tables = [t.astype(np.float32) for t in (centre_x, centre_y, half_x, half_y)]
     size, spacing = geometry.size, np.array(geometry.spacing_mm)
@@ -254,6 +256,7 @@ def _sample_intensities(rng: np.random.Generator) -> dict:
         "lung": rng.uniform(-880, -800),
         "gas": rng.uniform(-980, -900),
         "disc": rng.uniform(70, 100),
+        "csf": rng.uniform(5, 25),
         "cortical": rng.uniform(700, 1000),
         "cancellous": rng.uniform(150, 300),
         "cortex_mm": rng.uniform(1.0, 2.0),
