@@ -9,11 +9,13 @@ import pytest
 from verse_jax import augmentation as aug
 
 SPACING = 2.0
-CROP = (16, 16, 24)
+CROP = (24, 24, 40)  # one crop and box shape for all tests: one compilation
+BOX = (40, 40, 64)
 RANGES = aug.AugmentRanges()  # paper ranges
 
 
 def _transform(params, box, labels, center, points, valid, crop=CROP, spacing=SPACING):
+    """Image (intensity too), labels and landmarks of one sample; crop (24, 24, 40) at 2 mm."""
     grid = aug.sampling_grid_vox(params, center, crop, spacing)
     image = aug.apply_intensity(aug.apply_linear(box, grid), params)
     label = aug.apply_nearest(labels, grid)
@@ -24,7 +26,7 @@ def _transform(params, box, labels, center, points, valid, crop=CROP, spacing=SP
 _jit_transform = jax.jit(_transform, static_argnames=("crop", "spacing"))
 
 
-def _vertebra_phantom(shape=(40, 40, 64), block=8):
+def _vertebra_phantom(shape=BOX, block=8):
     """Stack of labelled blocks along z (ids 1..), image = 0.05 * id, centroids at block centres."""
     labels = np.zeros(shape, np.uint8)
     points = []
@@ -37,21 +39,21 @@ def _vertebra_phantom(shape=(40, 40, 64), block=8):
 
 def test_identity_is_exact():
     rng = np.random.default_rng(0)
-    box = rng.uniform(-1, 1, (30, 31, 40)).astype(np.float32)
-    labels = rng.integers(0, 26, box.shape).astype(np.uint8)
+    box = rng.uniform(-1, 1, BOX).astype(np.float32)
+    labels = rng.integers(0, 26, BOX).astype(np.uint8)
     start = np.array([5, 7, 9])
-    center = start + (np.array(CROP) - 1) / 2
-    points = np.array([[5, 7, 9], [10, 12, 20], [20, 22, 32], [0, 0, 0]], np.float32)
-    valid = np.array([True, True, True, True])
+    center = (start + (np.array(CROP) - 1) / 2).astype(np.float32)
+    points = np.array([[5, 7, 9], [10, 12, 20], [28, 30, 48], [0, 0, 0], [6, 7, 8], [9, 9, 9]])
+    valid = np.array([True, True, True, True, True, False])
     params = aug.identity_params()
     image, label, out_points, out_valid, _ = _jit_transform(
-        params, box, labels, center, points, valid
+        params, box, labels, center, points.astype(np.float32), valid
     )
     window = tuple(slice(a, a + n) for a, n in zip(start, CROP, strict=True))
     np.testing.assert_array_equal(np.asarray(image), box[window])
     np.testing.assert_array_equal(np.asarray(label), labels[window])
     np.testing.assert_allclose(np.asarray(out_points)[:3], points[:3] - start, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(out_valid), [True, True, True, False])
+    np.testing.assert_array_equal(np.asarray(out_valid), [True, True, True, False, False, False])
 
 
 def test_sample_params_ranges_and_determinism():
@@ -76,7 +78,7 @@ def test_bspline_weights_partition_of_unity():
 
 def test_context_box_holds_every_draw():
     size = aug.context_box_size(CROP, SPACING, RANGES)
-    assert aug.context_box_size(CROP, SPACING, aug.AugmentRanges.none()) == (19, 19, 27)
+    assert aug.context_box_size(CROP, SPACING, aug.AugmentRanges.none()) == (27, 27, 43)
     extreme = dataclasses.replace(RANGES, translation_mm=0.0)
     grid_fn = jax.jit(lambda p, c: aug.sampling_grid_vox(p, c, CROP, SPACING))
     rng = np.random.default_rng(1)
@@ -97,7 +99,7 @@ def test_context_box_holds_every_draw():
 def test_landmarks_stay_on_their_vertebra_and_align():
     image, labels, points = _vertebra_phantom()
     center = (np.array(image.shape, np.float32) - 1) / 2
-    crop = (24, 24, 40)
+    crop = CROP
     ranges = dataclasses.replace(RANGES, translation_mm=6.0)
     rng = np.random.default_rng(2)
     valid = np.ones(len(points), bool)
@@ -127,22 +129,22 @@ def test_landmarks_stay_on_their_vertebra_and_align():
 
 def test_landmarks_leaving_the_crop_become_invalid():
     rng = np.random.default_rng(5)
-    box = rng.uniform(-1, 1, (40, 40, 50)).astype(np.float32)
-    labels = np.zeros(box.shape, np.uint8)
-    center = np.array([20.0, 20.0, 25.0], np.float32)
-    points = np.array([[20, 20, 25], [20, 20, 35], [20, 20, 12], [39, 20, 25]], np.float32)
-    valid = np.array([True, True, True, False])
+    box = rng.uniform(-1, 1, BOX).astype(np.float32)
+    labels = np.zeros(BOX, np.uint8)
+    center = np.array([20.0, 20.0, 25.0], np.float32)  # the crop covers z 5.5 .. 44.5
+    points = np.array([[20, 20, 25], [20, 20, 50], [20, 20, 3], [39, 20, 25], [0, 0, 0], [0] * 3])
+    points = points.astype(np.float32)
+    valid = np.array([True, True, True, False, False, False])
     params = aug.identity_params()
     _, _, out, ok, _ = _jit_transform(params, box, labels, center, points, valid)
-    np.testing.assert_array_equal(np.asarray(ok), [True, True, False, False])
-    np.testing.assert_allclose(np.asarray(out)[1], [7.5, 7.5, 21.5], atol=1e-5)
-    # Move the crop 10 voxels down in z (translation): the upper landmark leaves, the lower enters.
+    np.testing.assert_array_equal(np.asarray(ok), [True, False, False, False, False, False])
+    np.testing.assert_allclose(np.asarray(out)[0], [11.5, 11.5, 19.5], atol=1e-5)
+    # Move the crop 10 voxels down in z (translation): the lower landmark enters.
     shifted = params._replace(translation_mm=np.array([0, 0, -10 * SPACING], np.float32))
     _, _, out, ok, _ = _jit_transform(shifted, box, labels, center, points, valid)
-    np.testing.assert_array_equal(np.asarray(ok), [True, False, True, False])
-    np.testing.assert_allclose(
-        np.asarray(out)[[0, 2]], [[7.5, 7.5, 21.5], [7.5, 7.5, 8.5]], atol=1e-4
-    )
+    np.testing.assert_array_equal(np.asarray(ok), [True, False, True, False, False, False])
+    expected = [[11.5, 11.5, 29.5], [11.5, 11.5, 7.5]]
+    np.testing.assert_allclose(np.asarray(out)[[0, 2]], expected, atol=1e-4)
 
 
 def test_intensity_and_outside_value():

@@ -239,6 +239,13 @@ def _nearest_grid_points(grid_vox, points_vox):
     return jnp.stack(jnp.unravel_index(index, shape), -1).astype(jnp.float32)
 
 
+def _solve3(matrix, rhs):
+    """Solves a 3x3 system by the adjugate (cheaper to compile than an LU decomposition)."""
+    cofactor = jnp.cross(jnp.roll(matrix, -1, axis=0), jnp.roll(matrix, -2, axis=0))
+    det = jnp.dot(matrix[0], cofactor[0])
+    return (cofactor.T @ rhs) / det
+
+
 def apply_landmarks(
     params: AugmentParams, center_vox, grid_vox, points_vox, valid, spacing_mm: float, steps=3
 ):
@@ -266,10 +273,11 @@ def apply_landmarks(
     start = _nearest_grid_points(grid_vox, points_vox)
 
     def refine(p, q):
-        for _ in range(steps):
-            step = jnp.linalg.solve(jax.jacfwd(forward)(p), forward(p) - q)
-            p = jnp.where(jnp.all(jnp.isfinite(step)), p - step, p)
-        return p
+        def newton(_, p):
+            step = _solve3(jax.jacfwd(forward)(p), forward(p) - q)
+            return jnp.where(jnp.all(jnp.isfinite(step)), p - step, p)
+
+        return jax.lax.fori_loop(0, steps, newton, p)
 
     refined = jax.vmap(refine)(start, points_vox)
     residual = lambda p: jnp.linalg.norm(jax.vmap(forward)(p) - points_vox, axis=-1)

@@ -1,0 +1,171 @@
+"""Per-stage samples: host side (context box + random numbers) and device side (jit-able transform).
+
+Host, per sample: the crop centre of the stage (REFERENCE §4.2, §5.2, §6.2), augmentation parameters
+from a numpy generator, and a fixed-size context box of the cached stage volume around the centre
+(padded with the outside value where it leaves the volume). Raw sample (numpy; batched by the
+pipeline with a leading batch axis B)::
+
+    image          (bx, by, bz) float16  context box of the normalised CT
+    center_vox     (3,) float32          crop centre C + f in box voxels (translation not included)
+    landmarks_vox  (K, 3) float32        landmarks in box voxels ("spine", "scn")
+    valid          (K,) bool
+    mask           (bx, by, bz) uint8    landmark-mask box ("scn")
+    label          (bx, by, bz) uint8    box of the binary mask of the sample's vertebra ("seg")
+    heatmap_vox    (1, 3) float32        jittered centroid in box voxels ("seg"); heatmap_valid (1,)
+    params         dict of AugmentParams fields (see ``augmentation``)
+    case_index     () int32; example_mask () bool (False for padding in evaluation batches)
+
+Device: ``make_device_transform(spec)`` returns ``fn(raw_batch) -> batch`` in the formats of
+INTERFACES.md (channels last, float32 unless noted), plus ``example_mask (B,) bool``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from verse_jax import augmentation as aug
+from verse_jax import heatmaps
+from verse_jax.labels import index_to_label
+from verse_jax.stage_cache import StageCase, StageSpec
+
+
+def box_size(spec: StageSpec, volume_sizes, *, train: bool) -> tuple[int, int, int]:
+    """Static context box size of a stage: worst case of the ranges, capped per axis at the largest
+    stage volume (a box at least as large as the volume holds all of it).
+
+    Args:
+        spec: stage settings.
+        volume_sizes: (N, 3) sizes of the data set's stage volumes (voxels).
+        train: with augmentation ranges (True) or identity only (False).
+    """
+    ranges = spec.augment if train else aug.AugmentRanges.none(spec.augment.control_points)
+    worst = np.asarray(aug.context_box_size(spec.crop_size, spec.spacing_mm, ranges))
+    largest = np.max(np.asarray(volume_sizes, np.int64).reshape(-1, 3), axis=0)
+    return tuple(int(v) for v in np.minimum(worst, largest))
+
+
+def cut_box(volume: np.ndarray, start, size, pad_value) -> np.ndarray:
+    """(size) copy of ``volume[start : start + size]``, ``pad_value`` outside the volume."""
+    start, size = np.asarray(start, np.int64), np.asarray(size, np.int64)
+    out = np.full(tuple(size), pad_value, dtype=volume.dtype)
+    low = np.maximum(start, 0)
+    high = np.minimum(start + size, volume.shape)
+    if np.all(high > low):
+        src = tuple(slice(a, b) for a, b in zip(low, high, strict=True))
+        dst = tuple(slice(a, b) for a, b in zip(low - start, high - start, strict=True))
+        out[dst] = volume[src]
+    return out
+
+
+def _box_start(center_vox, size, volume_shape) -> np.ndarray:
+    """Box start (stage voxels): around the centre, or holding the whole volume on axes where the
+    box is at least the volume's size."""
+    size, shape = np.asarray(size), np.asarray(volume_shape)
+    around = aug.context_box_start(center_vox, size)
+    whole = -((size - shape) // 2)
+    return np.where(size >= shape, whole, around)
+
+
+def crop_center_vox(
+    case: StageCase, spec: StageSpec, rng: np.random.Generator | None, vertebra: int = -1
+):
+    """(3,) float64 crop centre C + f in stage voxels (REFERENCE §4.2, §5.2, §6.2).
+
+    Args:
+        case: the cached stage case.
+        spec: stage settings.
+        rng: draws the random z slab of "scn"; None: the slab is centred (evaluation).
+        vertebra: landmark index of the sample ("seg").
+    """
+    shape = np.asarray(case.image.shape, np.float64)
+    center = (shape - 1) / 2
+    if spec.name == "scn":
+        if case.valid.any():
+            center[:2] = case.landmarks_vox[case.valid, :2].mean(axis=0)
+        if rng is not None:
+            center[2] += (shape[2] - spec.crop_size[2]) * rng.uniform(-0.5, 0.5)
+    elif spec.name == "seg":
+        offset = np.array([0.0, spec.posterior_offset_mm, 0.0]) / spec.spacing_mm
+        center = case.landmarks_vox[vertebra].astype(np.float64) + offset
+    return center
+
+
+def host_sample(
+    case: StageCase,
+    spec: StageSpec,
+    size,
+    rng: np.random.Generator | None,
+    *,
+    vertebra: int = -1,
+    case_index: int = 0,
+) -> dict:
+    """One raw sample (see the module docstring); ``rng`` None gives the identity (evaluation)."""
+    if spec.name == "seg" and not (0 <= vertebra < len(case.valid) and case.valid[vertebra]):
+        raise ValueError(f"case {case.case_id}: landmark {vertebra} is not a valid vertebra")
+    center = crop_center_vox(case, spec, rng, vertebra)
+    if rng is None:
+        params = aug.identity_params(spec.augment.control_points)
+    else:
+        params = aug.sample_params(rng, spec.augment)
+    start = _box_start(center + params.translation_mm / spec.spacing_mm, size, case.image.shape)
+    sample = {
+        "image": cut_box(case.image, start, size, np.float16(aug.OUTSIDE_VALUE)),
+        "center_vox": (center - start).astype(np.float32),
+        "params": params._asdict(),
+        "case_index": np.int32(case_index),
+        "example_mask": np.bool_(True),
+    }
+    if spec.name in ("spine", "scn"):
+        sample["landmarks_vox"] = (case.landmarks_vox - start[None, :]).astype(np.float32)
+        sample["valid"] = np.asarray(case.valid, bool)
+    if spec.name == "scn":
+        sample["mask"] = cut_box(case.landmark_mask, start, size, np.uint8(0))
+    if spec.name == "seg":
+        label = cut_box(case.labels, start, size, np.uint8(0))
+        sample["label"] = (label == index_to_label(vertebra)).astype(np.uint8)
+        jitter = 0.0 if rng is None else rng.uniform(-1, 1, 3) * spec.landmark_jitter_mm
+        point = case.landmarks_vox[vertebra] + jitter / spec.spacing_mm - start
+        sample["heatmap_vox"] = point[None, :].astype(np.float32)
+        sample["heatmap_valid"] = np.ones((1,), bool)
+    return sample
+
+
+def _transform_one(spec: StageSpec, raw: dict) -> dict:
+    params = aug.AugmentParams(**raw["params"])
+    s = spec.spacing_mm
+    grid = aug.sampling_grid_vox(params, raw["center_vox"], spec.crop_size, s)
+    image = aug.apply_intensity(aug.apply_linear(raw["image"], grid), params)[..., None]
+    out = {"image": image, "example_mask": raw["example_mask"]}
+    if spec.name in ("spine", "scn"):
+        points, valid = aug.apply_landmarks(
+            params, raw["center_vox"], grid, raw["landmarks_vox"], raw["valid"], s
+        )
+        out |= {"landmarks_vox": points, "valid": valid}
+    if spec.name == "scn":
+        out["mask"] = aug.apply_nearest(raw["mask"], grid)[..., None]
+    if spec.name == "seg":
+        point, valid = aug.apply_landmarks(
+            params, raw["center_vox"], grid, raw["heatmap_vox"], raw["heatmap_valid"], s
+        )
+        heat = heatmaps.gaussian_heatmaps(
+            point, valid, spec.heatmap_sigma_vox, spec.crop_size, scale=1.0, normalize=False
+        )
+        out["image"] = jnp.concatenate([image, heat.astype(jnp.float32)], axis=-1)
+        out["label"] = aug.apply_nearest(raw["label"], grid)[..., None]
+    return out
+
+
+def make_device_transform(spec: StageSpec):
+    """Returns the jit-able ``fn(raw_batch) -> batch`` of a stage (vmapped over the batch).
+
+    The same function serves training (random parameters in the raw batch) and evaluation
+    (identity parameters); shapes are static given the raw batch's shapes. Output (B leading):
+    "spine": image (B, x, y, z, 1), landmarks_vox (B, K, 3), valid (B, K) bool;
+    "scn": the same plus mask (B, x, y, z, 1); "seg": image (B, x, y, z, 2) (CT, centroid
+    Gaussian with peak 1), label (B, x, y, z, 1) in {0, 1}; all with example_mask (B,) bool.
+    """
+
+    def transform(raw_batch: dict) -> dict:
+        return jax.vmap(lambda raw: _transform_one(spec, raw))(raw_batch)
+
+    return transform

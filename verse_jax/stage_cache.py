@@ -1,0 +1,218 @@
+"""Per-stage settings and the per-case, per-stage disk cache of resampled volumes.
+
+Once per case and stage (host, SimpleITK through ``preprocessing``): the CT on the stage's
+isotropic axis-aligned grid (``preprocessing.to_stage_grid``), the label mask resampled nearest
+onto it (stage "seg"), the landmark mask of REFERENCE §5.2 (stage "scn") and the landmark positions
+in stage voxels. Stored as ``.npy`` files memory-mapped on reading, in a folder keyed by case id and
+a hash of the stage settings and the source files, written atomically (temporary folder + rename).
+The image is cached as float16 (normalised values in [-1, 1]: at most 1 HU rounding error).
+"""
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from verse_jax import io, preprocessing
+from verse_jax.augmentation import AugmentRanges
+from verse_jax.geometry import Geometry, Volume
+
+logger = logging.getLogger(__name__)
+
+STAGE_NAMES = ("spine", "scn", "seg")
+CACHE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """Grid, crop and augmentation settings of one training stage.
+
+    Attributes:
+        name: "spine" (stage 1), "scn" (stage 2) or "seg" (stage 3).
+        spacing_mm: isotropic spacing of the stage grid and of the network crop.
+        crop_size: (x, y, z) network input size in voxels.
+        smoothing_mm: Gaussian sigma (mm) applied before resampling.
+        num_landmarks: 25 (VerSe'19) or 26 (with T13).
+        augment: random augmentation ranges (training).
+        landmark_jitter_mm: "seg": the centroid heatmap's position ~ centroid + U(-a, a) mm.
+        posterior_offset_mm: "seg": crop centre = centroid + (0, offset, 0) mm (+y posterior).
+        heatmap_sigma_vox: "seg": sigma of the peak-1 centroid Gaussian (second input channel).
+        mask_margin_mm: "scn": the landmark mask is 0 within this distance of the scan's z ends.
+    """
+
+    name: str
+    spacing_mm: float
+    crop_size: tuple[int, int, int]
+    smoothing_mm: float
+    num_landmarks: int = 25
+    augment: AugmentRanges = AugmentRanges()
+    landmark_jitter_mm: float = 3.0
+    posterior_offset_mm: float = 20.0
+    heatmap_sigma_vox: float = 3.0
+    mask_margin_mm: float = 25.0
+
+    def __post_init__(self):
+        if self.name not in STAGE_NAMES:
+            raise ValueError(f"stage name must be one of {STAGE_NAMES}, got {self.name!r}")
+        crop = tuple(int(v) for v in self.crop_size)
+        if len(crop) != 3 or min(crop) < 1:
+            raise ValueError(f"crop_size must be 3 positive ints, got {self.crop_size}")
+        object.__setattr__(self, "crop_size", crop)
+        if not self.spacing_mm > 0 or self.smoothing_mm < 0:
+            raise ValueError(f"bad spacing/smoothing: {self.spacing_mm}, {self.smoothing_mm}")
+        if self.num_landmarks not in (25, 26):
+            raise ValueError(f"num_landmarks must be 25 or 26, got {self.num_landmarks}")
+
+    def cache_key(self) -> dict:
+        """The settings that determine the cached arrays (not the crop or augmentation)."""
+        key = {"name": self.name, "spacing_mm": float(self.spacing_mm)}
+        key |= {"smoothing_mm": float(self.smoothing_mm), "num_landmarks": self.num_landmarks}
+        if self.name == "scn":
+            key["mask_margin_mm"] = float(self.mask_margin_mm)
+        return key
+
+
+# Paper settings (REFERENCE §4.2, §5.2, §6.2).
+SPINE_PAPER = StageSpec("spine", 8.0, (64, 64, 128), 3.0)
+SCN_PAPER = StageSpec("scn", 2.0, (96, 96, 128), 0.75)
+SEG_PAPER = StageSpec("seg", 1.0, (128, 128, 96), 0.75)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageCase:
+    """One case on a stage grid (arrays memory-mapped from the cache).
+
+    Attributes:
+        case_id: data set case id.
+        image: (x, y, z) float16 normalised CT (-0.5 = -1024 HU).
+        labels: (x, y, z) uint8 VerSe ids (stage "seg"), else None.
+        landmark_mask: (x, y, z) uint8 in {0, 1} (stage "scn"), else None.
+        landmarks_vox: (K, 3) float32 continuous stage voxel index (zeros where invalid).
+        valid: (K,) bool.
+        geometry: the stage grid (identity direction, isotropic spacing).
+    """
+
+    case_id: str
+    image: np.ndarray
+    labels: np.ndarray | None
+    landmark_mask: np.ndarray | None
+    landmarks_vox: np.ndarray
+    valid: np.ndarray
+    geometry: Geometry
+
+
+def _source_fingerprint(case: io.Case) -> list:
+    paths = (case.image_path, case.mask_path, case.centroids_path)
+    out = []
+    for path in paths:
+        if path is not None:
+            stat = Path(path).stat()
+            out.append([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
+    return out
+
+
+def cache_path(case: io.Case, spec: StageSpec, cache_dir) -> Path:
+    """Folder of one case's cached stage arrays: ``<cache_dir>/<case_id>-<hash>``."""
+    key = {"version": CACHE_VERSION, "stage": spec.cache_key(), "source": _source_fingerprint(case)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{case.case_id}-{digest}"
+
+
+def _landmark_mask(image: Volume, stage: Geometry, margin_mm: float) -> np.ndarray:
+    """REFERENCE §5.2 mask: ones on the scan grid except ``margin_mm`` at both z ends, resampled."""
+    axis = int(np.argmax(np.abs(image.geometry.matrix[2])))  # index axis closest to world z
+    cut = int(round(margin_mm / image.geometry.spacing_mm[axis]))
+    ones = np.ones(image.geometry.size, np.uint8)
+    index = [slice(None)] * 3
+    index[axis] = slice(0, cut)
+    ones[tuple(index)] = 0
+    index[axis] = slice(max(image.geometry.size[axis] - cut, 0), None)
+    ones[tuple(index)] = 0
+    mask = preprocessing.resample(
+        Volume(ones, image.geometry), stage, interpolation="nearest", default_value=0.0
+    )
+    return np.asarray(mask.array, np.uint8)
+
+
+def _compute_arrays(case: io.Case, spec: StageSpec) -> tuple[dict, dict]:
+    image = io.read_volume(case.image_path)
+    stage = preprocessing.to_stage_grid(
+        image, spacing_mm=spec.spacing_mm, smoothing_mm=spec.smoothing_mm
+    )
+    arrays = {"image": np.asarray(stage.array, np.float16)}
+    points_vox = np.zeros((spec.num_landmarks, 3), np.float32)
+    valid = np.zeros((spec.num_landmarks,), bool)
+    if case.centroids_path is not None:
+        centroids = io.read_centroids(case.centroids_path, image.geometry)
+        points_mm, valid = io.centroids_to_landmarks(centroids, spec.num_landmarks)
+        points_vox = np.where(valid[:, None], stage.geometry.physical_to_index(points_mm), 0.0)
+    if spec.name == "seg":
+        if case.mask_path is None:
+            raise ValueError(f"case {case.case_id}: stage 'seg' needs a mask, none found")
+        mask = preprocessing.resample(
+            io.read_mask(case.mask_path), stage.geometry, interpolation="nearest"
+        )
+        if np.max(mask.array, initial=0) > 255:
+            raise ValueError(f"{case.mask_path}: label ids above 255")
+        arrays["labels"] = np.asarray(mask.array, np.uint8)
+    if spec.name == "scn":
+        arrays["landmark_mask"] = _landmark_mask(image, stage.geometry, spec.mask_margin_mm)
+    geometry = dataclasses.asdict(stage.geometry)
+    meta = {"case_id": case.case_id, "geometry": geometry, "stage": spec.cache_key()}
+    meta |= {"landmarks_vox": np.asarray(points_vox, np.float32).tolist()}
+    meta |= {"valid": np.asarray(valid, bool).tolist()}
+    return arrays, meta
+
+
+def build_stage_case(case: io.Case, spec: StageSpec, cache_dir) -> Path:
+    """Computes and caches one case on the stage grid unless cached already; returns its folder."""
+    target = cache_path(case, spec, cache_dir)
+    if (target / "meta.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    arrays, meta = _compute_arrays(case, spec)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for name, array in arrays.items():
+            np.save(tmp / f"{name}.npy", array)
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / "meta.json").is_file():  # not a lost race with another writer
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("cached %s stage %s at %s", case.case_id, spec.name, target)
+    return target
+
+
+def load_stage_case(path) -> StageCase:
+    """Opens a cached case (arrays memory-mapped read-only)."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a stage cache folder ({error})") from error
+    load = lambda name: (
+        np.load(path / f"{name}.npy", mmap_mode="r") if (path / f"{name}.npy").is_file() else None
+    )
+    return StageCase(
+        case_id=meta["case_id"],
+        image=load("image"),
+        labels=load("labels"),
+        landmark_mask=load("landmark_mask"),
+        landmarks_vox=np.asarray(meta["landmarks_vox"], np.float32).reshape(-1, 3),
+        valid=np.asarray(meta["valid"], bool),
+        geometry=Geometry(**meta["geometry"]),
+    )
+
+
+def prepare_stage_cases(cases: list[io.Case], spec: StageSpec, cache_dir) -> list[Path]:
+    """Caches every case (sequentially, host); returns the cache folders in the same order."""
+    return [build_stage_case(case, spec, cache_dir) for case in cases]
