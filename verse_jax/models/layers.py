@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from verse_jax.models.winograd import winograd_conv3d
+
 Initializer = Callable[..., jax.Array]
 
 # TF1 ``variance_scaling(2.0, 'fan_in', 'truncated_normal')``: the reference's ``he_initializer``.
@@ -87,8 +89,6 @@ class Conv3D(nn.Module):
         x = x.astype(self.dtype)
         kernel = kernel.astype(self.dtype)
         if impl == "winograd":
-            from verse_jax.models.winograd import winograd_conv3d
-
             y = winograd_conv3d(x, kernel)
         else:
             y = lax.conv_general_dilated(

@@ -73,6 +73,11 @@ class SpatialConfigurationNet(nn.Module):
         Returns:
             SCNOutput of three (batch, x, y, z, num_landmarks) float32 arrays.
         """
+        if self.num_levels < 1 or self.spatial_downsample < 1:
+            raise ValueError(
+                "SpatialConfigurationNet: num_levels and spatial_downsample must be >= 1, got "
+                f"{self.num_levels} and {self.spatial_downsample}"
+            )
         divisor = math.lcm(2 ** (self.num_levels - 1), self.spatial_downsample)
         check_input(x, divisor, type(self).__name__)
         act = get_activation(self.activation)

@@ -89,6 +89,8 @@ class UNet3D(nn.Module):
         Returns:
             (batch, x, y, z, num_outputs) float32, linear (heatmap or logits).
         """
+        if self.num_levels < 1:
+            raise ValueError(f"UNet3D: num_levels must be >= 1, got {self.num_levels}")
         check_input(x, 2 ** (self.num_levels - 1), type(self).__name__)
         features = unet_body(
             x,
