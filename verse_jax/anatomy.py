@@ -312,6 +312,32 @@ def _capsule_shape(centre, rotation, p0, p1, radii, **kwargs) -> Shape:
     return Shape("capsule", centre, rotation, (p0, p1, radii), lo, hi, **kwargs)
 
 
+def _body_shape(centre, rotation, a, b, h, form=(0.0, None, 0.0, 0.0), **kwargs) -> Shape:
+    """Elliptic cylinder; ``form`` = (waist, posterior cut (default b), wedge, concavity)."""
+    waist, cut, wedge, concave = form
+    cut = b if cut is None else cut
+    lo, hi = np.array([-1.1 * a, -1.1 * b, -h]), np.array([1.1 * a, b, h])
+    return Shape("body", centre, rotation, (a, b, h, waist, cut, wedge, concave), lo, hi, **kwargs)
+
+
+def _tube(verts, offsets, radii, **kwargs) -> list[Shape]:
+    """Capsules joining points given in the frames of successive vertebrae.
+
+    Args:
+        verts: vertebrae (or anything with ``center_mm`` and ``rotation``).
+        offsets: one local (u, v, w) point (mm) per vertebra.
+        radii: one (3,) radii per segment (len(verts) - 1).
+    """
+    points = [
+        v.center_mm + v.rotation @ np.asarray(o, float) for v, o in zip(verts, offsets, strict=True)
+    ]
+    shapes = []
+    for v, p0, p1, rad in zip(verts[:-1], points[:-1], points[1:], radii, strict=True):
+        local = [v.rotation.T @ (p - v.center_mm) for p in (p0, p1)]
+        shapes.append(_capsule_shape(v.center_mm, v.rotation, *local, rad, **kwargs))
+    return shapes
+
+
 def _c1_ring(c1: Vertebra) -> tuple[float, float, float]:
     """C1 ring centre (v, mm) and inner radii (u, v) in C1's frame."""
     s = c1.dims["a"] / 8.0  # the patient's scale (C1's 'a' anchor is 8 mm)
@@ -320,44 +346,25 @@ def _c1_ring(c1: Vertebra) -> tuple[float, float, float]:
 
 
 def _atlas_shapes(c1: Vertebra) -> list[Shape]:
-    c, r, label, s = c1.center_mm, c1.rotation, 1, c1.dims["a"] / 8.0
+    c, r, s = c1.center_mm, c1.rotation, c1.dims["a"] / 8.0
     vr, ru, rv = _c1_ring(c1)
-    t = 4.5 * s
-    ring = Shape(
-        "annulus",
-        c,
-        r,
-        (vr, ru, rv, t, 5 * s, 0.0, -1e3),
-        np.array([-ru - t, vr - rv - t, -5 * s]),
-        np.array([ru + t, vr + rv + t, 5 * s]),
-        label=label,
-    )
-    shapes = [
-        ring,
-        _capsule_shape(
-            c, r, (0, vr + rv + t, 0), (0, vr + rv + t, 0), (4 * s, 4 * s, 6 * s), label=label
-        ),
-    ]
-    for side in (-1, 1):
-        mass = side * (ru + 1 * s), vr - 4 * s
+    t, back = 4.5 * s, (0, vr + rv + 4.5 * s, 0)
+    lo, hi = np.array([-ru - t, vr - rv - t, -5 * s]), np.array([ru + t, vr + rv + t, 5 * s])
+    shapes = [Shape("annulus", c, r, (vr, ru, rv, t, 5 * s, 0.0, -1e3), lo, hi, label=1)]
+    shapes.append(_capsule_shape(c, r, back, back, (4 * s, 4 * s, 6 * s), label=1))
+    for side in (-1, 1):  # lateral masses and transverse processes
+        u, v = side * (ru + 1 * s), vr - 4 * s
         shapes.append(
-            _capsule_shape(
-                c,
-                r,
-                (mass[0], mass[1], -4 * s),
-                (mass[0], mass[1], 4 * s),
-                (6 * s, 8 * s, 5 * s),
-                label=label,
-            )
+            _capsule_shape(c, r, (u, v, -4 * s), (u, v, 4 * s), (6 * s, 8 * s, 5 * s), label=1)
         )
         shapes.append(
             _capsule_shape(
                 c,
                 r,
-                (side * (ru + 3 * s), mass[1], 0),
-                (side * (ru + 22 * s), mass[1], 0),
+                (side * (ru + 3 * s), v, 0),
+                (side * (ru + 22 * s), v, 0),
                 (5 * s,) * 3,
-                label=label,
+                label=1,
             )
         )
     return shapes
@@ -382,24 +389,18 @@ def _process_shapes(vert: Vertebra, vc: float, w0: float) -> list[Shape]:
     cervical = vert.level < 6.5
     art = (0.8 if cervical else 0.6) * t
     reach = d["h"] + 0.5 * d["disc"] + 1.0
+    tp_radii = (d["tp_r"], 0.8 * d["tp_r"], 1.1 * d["tp_r"])
     for side in (-1, 1):
-        tip = np.array(
-            [side * d["tp_u"], vc + d["tp_v"], w0 + (2.0 if 6.5 < vert.level < 19 else 0)]
-        )
-        tp_radii = (d["tp_r"], 0.8 * d["tp_r"], 1.1 * d["tp_r"])
+        tip = (side * d["tp_u"], vc + d["tp_v"], w0 + (2.0 if 6.5 < vert.level < 19 else 0))
         root = (side * (ru + 0.5 * t), vc - 0.3 * rv, w0)
         shapes.append(_capsule_shape(c, r, root, tip, tp_radii, label=label))
         if cervical:  # anterior bar: the foramen transversarium lies between the two bars
             front = (side * 0.8 * d["a"], -0.2 * d["b"], 0.0)
             shapes.append(_capsule_shape(c, r, front, tip, tp_radii, label=label))
         ua, v_sup = side * (ru + 0.45 * t), vc + 0.1 * rv
-        v_inf = v_sup + 2 * art + 1.5
-        shapes.append(
-            _capsule_shape(c, r, (ua, v_sup, w0), (ua, v_sup, reach), (art,) * 3, label=label)
-        )
-        shapes.append(
-            _capsule_shape(c, r, (ua, v_inf, w0), (ua, v_inf, -reach), (art,) * 3, label=label)
-        )
+        v_inf = v_sup + 2 * art + 1.5  # inferior facets sit behind the superior ones below
+        for v, end in ((v_sup, reach), (v_inf, -reach)):
+            shapes.append(_capsule_shape(c, r, (ua, v, w0), (ua, v, end), (art,) * 3, label=label))
     return shapes
 
 
@@ -409,79 +410,45 @@ def vertebra_shapes(vert: Vertebra) -> list[Shape]:
         return _atlas_shapes(vert)
     d, c, r, label = vert.dims, vert.center_mm, vert.rotation, vert.label
     a, b, h = d["a"], d["b"], d["h"]
-    body = Shape(
-        "body",
-        c,
-        r,
-        (a, b, h, 0.06, 0.8 * b, d["wedge"], 0.1),
-        np.array([-a, -b, -h]),
-        np.array([a, b, h]),
-        label=label,
-    )
+    body = _body_shape(c, r, a, b, h, (0.06, 0.8 * b, d["wedge"], 0.1), label=label)
     vc, w0 = 0.8 * b + d["canal_v"], 0.15 * h
     h_arch = (0.6 if vert.level < 6.5 else 0.55) * h
     ru, rv, t = d["canal_u"], d["canal_v"], d["arch"]
-    arch = Shape(
-        "annulus",
-        c,
-        r,
-        (vc, ru, rv, t, h_arch, w0, 0.5 * b),
-        np.array([-ru - t, 0.5 * b, w0 - h_arch]),
-        np.array([ru + t, vc + rv + t, w0 + h_arch]),
-        label=label,
-    )
+    lo, hi = np.array([-ru - t, 0.5 * b, w0 - h_arch]), np.array([ru + t, vc + rv + t, w0 + h_arch])
+    arch = Shape("annulus", c, r, (vc, ru, rv, t, h_arch, w0, 0.5 * b), lo, hi, label=label)
     shapes = [body, arch, *_spinous_shapes(vert, vc, w0), *_process_shapes(vert, vc, w0)]
-    if label == 2:
+    if label == 2:  # the dens rises into the ring of C1
+        k = d["a"] / 8.5
         shapes.append(
-            _capsule_shape(
-                c,
-                r,
-                (0, -1, h - 2),
-                (0, -1, h + 14 * d["a"] / 8.5),
-                (5 * d["a"] / 8.5,) * 3,
-                label=label,
-            )
+            _capsule_shape(c, r, (0, -1, h - 2), (0, -1, h + 14 * k), (5 * k,) * 3, label=label)
         )
     return shapes
 
 
-def _between(upper: Vertebra | tuple, lower: Vertebra | tuple, h_up: float, h_low: float):
-    """Disc frame between the inferior endplate of ``upper`` and the superior one of ``lower``."""
-    c0, r0 = (upper.center_mm, upper.rotation) if isinstance(upper, Vertebra) else upper
-    c1, r1 = (lower.center_mm, lower.rotation) if isinstance(lower, Vertebra) else lower
-    top, bottom = c0 - h_up * r0[:, 2], c1 + h_low * r1[:, 2]
-    w = r0[:, 2] + r1[:, 2]
-    return 0.5 * (top + bottom), _frame(-w, 0.0), 0.5 * np.linalg.norm(top - bottom)
+@dataclass(frozen=True)
+class _Frame:
+    center_mm: np.ndarray
+    rotation: np.ndarray
+    dims: dict
 
 
 def disc_shapes(spine: Spine, hu: float) -> list[Shape]:
     """Intervertebral discs from C2-C3 down to L5-S1 (or L6-S1), not labelled."""
+    verts, k = spine.vertebrae, spine.scale
+    sacrum = _Frame(
+        *spine.sacrum[0], {"a": _SACRUM[0][0] * k, "b": _SACRUM[0][1] * k, "h": _SACRUM[0][2] * k}
+    )
     shapes = []
-    verts = spine.vertebrae
-    pairs = [(verts[k], verts[k + 1]) for k in range(1, len(verts) - 1)]
-    pairs.append((verts[-1], spine.sacrum[0]))
-    for upper, lower in pairs:
-        lower_h = lower.dims["h"] if isinstance(lower, Vertebra) else _SACRUM[0][2] * spine.scale
-        lower_ab = (
-            (lower.dims["a"], lower.dims["b"])
-            if isinstance(lower, Vertebra)
-            else (_SACRUM[0][0] * spine.scale, _SACRUM[0][1] * spine.scale)
-        )
-        centre, rotation, half = _between(upper, lower, upper.dims["h"], lower_h)
-        a = 0.485 * (upper.dims["a"] + lower_ab[0])
-        b = 0.485 * (upper.dims["b"] + lower_ab[1])
-        h = half + 1.5
+    for upper, lower in zip(verts[1:], [*verts[2:], sacrum], strict=True):
+        top = upper.center_mm - upper.dims["h"] * upper.rotation[:, 2]
+        bottom = lower.center_mm + lower.dims["h"] * lower.rotation[:, 2]
+        rotation = _frame(-(upper.rotation[:, 2] + lower.rotation[:, 2]), 0.0)
+        a = 0.485 * (upper.dims["a"] + lower.dims["a"])
+        b = 0.485 * (upper.dims["b"] + lower.dims["b"])
+        h = 0.5 * np.linalg.norm(top - bottom) + 1.5
+        form = (-0.04, 0.8 * b, 0.0, -0.1 * upper.dims["h"] / h)  # bulging, convex
         shapes.append(
-            Shape(
-                "body",
-                centre,
-                rotation,
-                (a, b, h, -0.04, 0.8 * b, 0.0, -0.1 * upper.dims["h"] / h),
-                np.array([-1.1 * a, -1.1 * b, -h]),
-                np.array([1.1 * a, b, h]),
-                tissue="disc",
-                hu=hu,
-            )
+            _body_shape(0.5 * (top + bottom), rotation, a, b, h, form, tissue="disc", hu=hu)
         )
     return shapes
 
@@ -497,7 +464,7 @@ def rib_shapes(vert: Vertebra) -> list[Shape]:
     phi = np.linspace(start, end, 7)
     radii = np.array([3.5, 3.5, 5.5]) * s
     shapes = []
-    for side in (-1, 1):
+    for side in (-1, 1):  # head at the body, tubercle at the transverse process, then around
         points = [
             (side * (d["a"] + 1), 0.4 * d["b"], 0.2 * d["h"]),
             (side * 0.9 * d["tp_u"], vc + d["tp_v"] + 3, w0),
@@ -516,22 +483,10 @@ def pelvis_shapes(spine: Spine) -> list[Shape]:
     shapes, k = [], spine.scale
     for j, ((c, r), (a, b, h)) in enumerate(zip(spine.sacrum, _SACRUM, strict=True)):
         a, b, h = a * k, b * k, (h + 1) * k
-        shapes.append(
-            Shape(
-                "body",
-                c,
-                r,
-                (a, b, h, 0.0, b, 0.0, 0.0),
-                np.array([-a, -b, -h]),
-                np.array([a, b, h]),
-            )
-        )
-        shapes.append(
-            _capsule_shape(
-                c, r, (-0.7 * a, b + 5 * k, 0), (0.7 * a, b + 5 * k, 0), (4 * k, 4 * k, h)
-            )
-        )
-        if j < 3:
+        shapes.append(_body_shape(c, r, a, b, h))
+        back = (4 * k, 4 * k, h)  # dorsal wall
+        shapes.append(_capsule_shape(c, r, (-0.7 * a, b + 5 * k, 0), (0.7 * a, b + 5 * k, 0), back))
+        if j < 3:  # alae
             reach, rad = (45, 38, 26)[j] * k, np.array(((12, 9, 13), (9, 7, 10), (6, 5, 7))[j]) * k
             for side in (-1, 1):
                 shapes.append(
@@ -542,9 +497,8 @@ def pelvis_shapes(spine: Spine) -> list[Shape]:
     c, r = spine.sacrum[0]
     for side in (-1, 1):
         turn = np.deg2rad(side * 35.0)
-        plate = r @ np.array(
-            [[np.cos(turn), -np.sin(turn), 0], [np.sin(turn), np.cos(turn), 0], [0, 0, 1]]
-        )
+        cos, sin = np.cos(turn), np.sin(turn)
+        plate = r @ np.array([[cos, -sin, 0], [sin, cos, 0], [0, 0, 1]])
         centre = c + r @ (np.array([side * 62, -15, 40]) * k)
         shapes.append(
             _capsule_shape(centre, plate, (0, 0, 0), (0, 0, 0), np.array([5, 55, 60]) * k)
@@ -562,14 +516,8 @@ def skull_shape(spine: Spine) -> Shape:
     k, vr = spine.scale, _c1_ring(c1)[0]
     radii = np.array([72.0, 88.0, 78.0]) * k
     centre = c1.center_mm + c1.rotation @ (np.array([0.0, -10.0, 88.0]) * k)
-    return Shape(
-        "shell",
-        centre,
-        c1.rotation,
-        (radii, 7.0 * k, 17.0 * k, vr + 10 * k, -40 * k),
-        -radii - 4,
-        radii + 4,
-    )
+    params = (radii, 7.0 * k, 17.0 * k, vr + 10 * k, -40 * k)
+    return Shape("shell", centre, c1.rotation, params, -radii - 4, radii + 4)
 
 
 def soft_organ_shapes(spine: Spine, rng: np.random.Generator, hu: dict) -> list[Shape]:
@@ -581,61 +529,35 @@ def soft_organ_shapes(spine: Spine, rng: np.random.Generator, hu: dict) -> list[
         hu: intensities (HU) under the keys 'lung', 'aorta', 'ivc', 'csf', 'gas'.
     """
     by_label = {v.label: v for v in spine.vertebrae}
+    thorax = [by_label[label] for label in range(9, 18)]  # T2 .. T10
+    cage = np.array(
+        [
+            [
+                interpolate(_RIBS, key, v.level) * v.dims["a"] / interpolate(_DIMS, "a", v.level)
+                for key in ("cx", "cy", "rx", "ry")
+            ]
+            for v in thorax
+        ]
+    )
+    radii = 0.4 * (cage[:-1, 2:] + cage[1:, 2:])
+    radii = np.stack([radii[:, 0], radii[:, 1], radii[:, 0]], axis=1)
     shapes = []
-    for upper, lower in zip(range(9, 17), range(10, 18), strict=True):  # T2 .. T10
-        v0, v1 = by_label[upper], by_label[lower]
-        scale = v0.dims["a"] / interpolate(_DIMS, "a", v0.level)
-        cx, cy, rx, ry = (
-            [interpolate(_RIBS, key, v.level) * scale for v in (v0, v1)]
-            for key in ("cx", "cy", "rx", "ry")
-        )
-        radii = 0.8 * np.array([np.mean(rx), np.mean(ry), np.mean(rx)])
-        for side in (-1, 1):
-            p1 = v0.rotation.T @ (
-                v1.center_mm - v0.center_mm + v1.rotation @ (side * cx[1], cy[1], 0.0)
-            )
-            shapes.append(
-                _capsule_shape(
-                    v0.center_mm,
-                    v0.rotation,
-                    (side * cx[0], cy[0], 0),
-                    p1,
-                    radii,
-                    tissue="lung",
-                    hu=hu["lung"],
-                )
-            )
+    for side in (-1, 1):
+        offsets = [(side * cx, cy, 0.0) for cx, cy in cage[:, :2]]
+        shapes += _tube(thorax, offsets, radii, tissue="lung", hu=hu["lung"])
     for name, labels, u_sign, radius in (
         ("aorta", range(12, 25), 1, rng.uniform(10, 14)),
         ("ivc", range(18, 25), -1, rng.uniform(9, 13)),
     ):
-        chain = [by_label[lab] for lab in labels if lab in by_label]
-        points = [
-            v.center_mm + v.rotation @ (u_sign * (0.5 * v.dims["a"] + 10), -v.dims["b"] - 12, 0)
-            for v in chain
-        ]
-        for v, p0, p1 in zip(chain[:-1], points[:-1], points[1:], strict=True):
-            local = [v.rotation.T @ (p - v.center_mm) for p in (p0, p1)]
-            shapes.append(
-                _capsule_shape(
-                    v.center_mm, v.rotation, *local, (radius,) * 3, tissue="vessel", hu=hu[name]
-                )
-            )
-    canal = [(v, 0.8 * v.dims["b"] + v.dims["canal_v"]) for v in spine.vertebrae[1:]]
-    for (v0, vc0), (v1, vc1) in zip(canal[:-1], canal[1:], strict=True):
-        radius = 0.8 * min(v0.dims["canal_u"], v0.dims["canal_v"])
-        p1 = v0.rotation.T @ (v1.center_mm + v1.rotation[:, 1] * vc1 - v0.center_mm)
-        shapes.append(
-            _capsule_shape(
-                v0.center_mm,
-                v0.rotation,
-                (0, vc0, 0),
-                p1,
-                (radius,) * 3,
-                tissue="vessel",
-                hu=hu["csf"],
-            )
+        chain = [by_label[label] for label in labels if label in by_label]
+        offsets = [(u_sign * (0.5 * v.dims["a"] + 10), -v.dims["b"] - 12, 0) for v in chain]
+        shapes += _tube(
+            chain, offsets, [(radius,) * 3] * (len(chain) - 1), tissue="vessel", hu=hu[name]
         )
+    chain = spine.vertebrae[1:]
+    offsets = [(0, 0.8 * v.dims["b"] + v.dims["canal_v"], 0) for v in chain]
+    radii = [(0.8 * min(v.dims["canal_u"], v.dims["canal_v"]),) * 3 for v in chain]
+    shapes += _tube(chain, offsets, radii[:-1], tissue="vessel", hu=hu["csf"])
     for _ in range(rng.poisson(2.5)):
         v = by_label[int(rng.integers(20, 25))]
         where = (rng.uniform(-80, 80), -v.dims["b"] - rng.uniform(40, 110), rng.uniform(-15, 15))
