@@ -155,7 +155,7 @@ def _refined_maximum(image: jax.Array) -> tuple[jax.Array, jax.Array]:
     for axis in range(3):
         step = jnp.zeros(3, jnp.int32).at[axis].set(1)
         lo = image[tuple(jnp.maximum(index - step, 0))]
-        hi = image[tuple(jnp.minimum(index + step, shape[axis] - 1))]
+        hi = image[tuple(jnp.minimum(index + step, jnp.array(shape, jnp.int32) - 1))]
         denom = lo - 2.0 * value + hi
         inside = (index[axis] >= 1) & (index[axis] + 1 < shape[axis]) & (denom < 0)
         delta = 0.5 * (lo - hi) / jnp.where(inside, denom, -1.0)
