@@ -126,7 +126,7 @@ def test_default_dataset_is_generated_once(tmp_path):
     assert phantoms.default_dataset(root, num_cases=1, max_voxels=100_000) == root
     assert (root / "splits.json").stat().st_mtime_ns == stamp
     assert sorted(p.name for p in root.parent.iterdir()) == ["phantoms"]  # no temporary left
-    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "rawdata").mkdir(parents=True)  # an interrupted generation
     with pytest.raises(ValueError, match="not a complete"):
         phantoms.default_dataset(tmp_path / "partial", num_cases=1)
 

@@ -113,9 +113,9 @@ def _grid(rng, spine, fov, spacing_mm, orientation, max_voxels) -> Geometry:
         [*(centre_xy + (rng.uniform(-15, 15), -rng.uniform(0, 50))), 0.5 * (z_top + z_bottom)]
     )
     extent = np.array([rng.uniform(180, 260), rng.uniform(180, 260), z_top - z_bottom])
+    in_plane, slices = rng.uniform(0.5, 1.5), rng.uniform(1.0, 3.0)  # drawn in any case
     if spacing_mm is None:
-        in_plane = rng.uniform(0.5, 1.5)
-        spacing_mm = (in_plane, in_plane, rng.uniform(1.0, 3.0))
+        spacing_mm = (in_plane, in_plane, slices)
     spacing = np.asarray(spacing_mm, np.float64).reshape(3)
     if np.any(spacing <= 0):
         raise ValueError(f"spacing_mm must be positive, got {spacing_mm}")
@@ -449,7 +449,7 @@ def default_dataset(
     path = Path(cache_dir)
     if (path / "splits.json").is_file():
         return path
-    if path.exists():
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ValueError(f"{path} exists but is not a complete phantom data set (no splits.json)")
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
