@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from verse_jax import io, phantoms
+from verse_jax.geometry import axis_codes
 from verse_jax.labels import T13
 
 SMALL = 400_000  # voxel budget of the test phantoms (about 3 mm voxels)
@@ -29,6 +30,8 @@ def test_centroids_lie_in_their_vertebra(seed, fov, orientation):
         seed, fov=fov, orientation=orientation, max_voxels=SMALL, noise_hu=10.0
     )
     mask, labels = phantom.mask.array, phantom.centroids.labels
+    if orientation != "oblique":
+        assert "".join(axis_codes(phantom.image.geometry.direction)) == orientation
     assert mask.dtype == np.uint16 and phantom.image.array.dtype == np.int16
     assert phantom.image.geometry == phantom.mask.geometry
     assert len(labels) >= 3
@@ -55,6 +58,14 @@ def test_oblique_direction_is_not_a_permutation():
     matrix = phantom.image.geometry.matrix
     assert np.allclose(matrix @ matrix.T, np.eye(3), atol=1e-9)
     assert np.abs(matrix).max() < np.cos(np.deg2rad(1.9))
+
+
+def test_vertebrae_grow_from_neck_to_lumbar_spine():
+    phantom = phantoms.generate_phantom(7, fov="whole", orientation="LPS", max_voxels=SMALL)
+    labels, counts = np.unique(phantom.mask.array, return_counts=True)
+    volume = dict(zip(labels.tolist(), counts.tolist(), strict=True))
+    assert {4, 13, 22} <= set(volume)
+    assert volume[4] < volume[13] < volume[22]  # C4 < T6 < L3
 
 
 def test_write_dataset_round_trip_and_splits(tmp_path):

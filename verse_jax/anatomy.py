@@ -8,6 +8,7 @@ with a local bounding box, a tissue and, for vertebrae, its VerSe id. ``verse_ja
 evaluates the shapes at the physical position of every voxel of an output grid.
 """
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,14 +104,7 @@ class Shape:
     def corners_mm(self, margin: float) -> np.ndarray:
         """(8, 3) world corners of the local bounding box grown by ``margin`` mm."""
         lo, hi = np.asarray(self.lo) - margin, np.asarray(self.hi) + margin
-        local = np.array(
-            [
-                [(lo, hi)[i][0], (lo, hi)[j][1], (lo, hi)[k][2]]
-                for i in (0, 1)
-                for j in (0, 1)
-                for k in (0, 1)
-            ]
-        )
+        local = np.array(list(itertools.product(*zip(lo, hi, strict=True))))
         return self.origin_mm + local @ self.rotation.T
 
 

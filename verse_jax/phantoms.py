@@ -332,6 +332,10 @@ def generate_phantom(
         noise_hu: standard deviation of the Gaussian noise in HU; None draws 5-35 HU.
         max_voxels: voxel budget; coarser spacing is used where the grid would exceed it.
 
+    A vertebra cut by the field of view keeps its label while its body centre lies in the grid;
+    otherwise it stays in the image but is left out of mask and centroids, so that the two always
+    name the same vertebrae.
+
     Returns:
         The phantom: int16 HU image, uint16 mask and centroids on one grid.
     """
