@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from verse_jax import bundle, phantoms, pipeline, postprocessing, preprocessing
+from verse_jax import bundle, inference, phantoms, pipeline, postprocessing, preprocessing
 from verse_jax.bundle import StageGrid
 from verse_jax.geometry import Geometry, Volume
 
@@ -102,3 +102,22 @@ def test_check_ct_rejects_masks():
     mask = _phantom("RAS").mask
     with pytest.raises(ValueError, match="mask.nii.gz: does not look like a CT"):
         pipeline.check_ct(mask, "mask.nii.gz")
+
+
+def test_repeated_cases_do_not_recompile(tiny):
+    image = _phantom("RAS").image  # shapes compiled by the RAS case above, if it ran
+
+    def cache_sizes():
+        return (
+            bundle._jitted_apply(tiny.spine.model, None)._cache_size(),
+            pipeline._segment_fn(tiny.seg.model, tiny.seg.grid.crop_size)._cache_size(),
+            inference.sliding_window_cache_size(),
+            postprocessing._find_per_channel._cache_size(),
+        )
+
+    first = pipeline.predict_case(image, tiny, overlap_z=8, seg_batch_size=4)
+    sizes = cache_sizes()
+    second = pipeline.predict_case(image, tiny, overlap_z=8, seg_batch_size=4)
+    assert cache_sizes() == sizes
+    np.testing.assert_array_equal(first[1].array, second[1].array)
+    np.testing.assert_array_equal(first[0].points_mm, second[0].points_mm)

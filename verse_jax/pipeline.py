@@ -233,7 +233,7 @@ def predict_segmentation(
     stage: StageModel,
     target: Geometry,
     *,
-    batch_size: int = 2,
+    batch_size: int = 1,
 ) -> np.ndarray:
     """Stage 3: fused vertebra labels on ``target`` from one crop per valid landmark.
 
@@ -275,7 +275,7 @@ def predict_case(
     *,
     overlap_z: int | None = None,
     window_batch_size: int = 1,
-    seg_batch_size: int = 2,
+    seg_batch_size: int = 1,
 ) -> tuple[Centroids, Volume]:
     """The whole pipeline on one CT.
 
@@ -285,7 +285,8 @@ def predict_case(
         overlap_z: SCN window overlap in slices; None: 3/4 of the window (96 for the paper's
             128-slice windows; the reference docker used 64).
         window_batch_size: SCN windows per network call.
-        seg_batch_size: vertebra crops per segmentation call.
+        seg_batch_size: vertebra crops per segmentation call (paper network on the CPU: about
+            2.7 GiB of XLA temporaries per crop, hence 1 by default).
 
     Returns:
         Centroids (VerSe ids, LPS mm) and a uint16 label Volume with exactly ``image.geometry``.
