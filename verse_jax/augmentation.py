@@ -227,16 +227,17 @@ def apply_intensity(image, params: AugmentParams):
     return jnp.clip((image + params.intensity_shift) * params.intensity_scale, -1.0, 1.0)
 
 
-def _nearest_grid_points(grid_vox, points_vox):
-    """(K, 3) float32 output voxel whose mapped position is closest to each (K, 3) input point."""
-    shape = grid_vox.shape[:3]
-    flat = grid_vox.reshape(-1, 3)
+def _nearest_grid_points(grid_vox, points_vox, stride: int):
+    """(K, 3) output voxel on every ``stride``-th grid point whose mapped position is closest to
+    each of the (K, 3) input points."""
+    coarse = grid_vox[::stride, ::stride, ::stride]
+    flat = coarse.reshape(-1, 3)
 
     def closest(q):
         return jnp.argmin(jnp.sum((flat - q[None, :]) ** 2, axis=1))
 
     index = jax.vmap(closest)(points_vox)
-    return jnp.stack(jnp.unravel_index(index, shape), -1).astype(jnp.float32)
+    return jnp.stack(jnp.unravel_index(index, coarse.shape[:3]), -1).astype(jnp.float32) * stride
 
 
 def _solve3(matrix, rhs):
@@ -247,13 +248,14 @@ def _solve3(matrix, rhs):
 
 
 def apply_landmarks(
-    params: AugmentParams, center_vox, grid_vox, points_vox, valid, spacing_mm: float, steps=3
+    params: AugmentParams, center_vox, grid_vox, points_vox, valid, spacing_mm: float, steps=4
 ):
     """Carries landmarks from input (box) voxels into the crop: the inverse of the mapping.
 
-    The mapping has no closed-form inverse (B-spline displacement), so: the output voxel whose
-    mapped position is closest to the landmark (REFERENCE §3.4), then ``steps`` Newton iterations
-    on ``map_points_vox(p) = q``; the better of the two by residual is kept.
+    The mapping has no closed-form inverse (B-spline displacement). Newton iterations on
+    ``map_points_vox(p) = q`` run from two starts: the inverse of the affine part alone, and the
+    closest mapped point of every 4th output voxel (the reference searches every voxel, §3.4);
+    the result with the smaller residual is kept.
 
     Args:
         params: one sample's parameters.
@@ -262,29 +264,33 @@ def apply_landmarks(
         points_vox: (K, 3) landmarks, continuous box voxel index (x, y, z).
         valid: (K,) bool.
         spacing_mm: isotropic stage spacing.
-        steps: Newton iterations.
+        steps: Newton iterations per start.
 
     Returns:
         ((K, 3) float32 continuous crop voxel index, (K,) bool): invalid if the input was, if the
-        residual exceeds 2 voxels (2 x spacing) or if the point is outside [0, size) on any axis.
+        residual |map(p) - q| exceeds 2 voxels (2 x spacing) or if p is outside [0, size).
     """
     crop_size = grid_vox.shape[:3]
     forward = lambda p: map_points_vox(params, center_vox, p[None, :], crop_size, spacing_mm)[0]
-    start = _nearest_grid_points(grid_vox, points_vox)
+    shift = center_vox + params.translation_mm / spacing_mm
+    inverse = rotation_matrix(params.rotation_rad).T / params.scale[:, None]  # (R S)^-1
+    c_out = (jnp.asarray(crop_size, jnp.float32) - 1) / 2
+    affine_start = (points_vox - shift[None, :]) @ inverse.T + c_out[None, :]
+    starts = jnp.stack([affine_start, _nearest_grid_points(grid_vox, points_vox, 4)])
 
     def refine(p, q):
         def newton(_, p):
             step = _solve3(jax.jacfwd(forward)(p), forward(p) - q)
             return jnp.where(jnp.all(jnp.isfinite(step)), p - step, p)
 
-        return jax.lax.fori_loop(0, steps, newton, p)
+        p = jax.lax.fori_loop(0, steps, newton, p)
+        residual = jnp.linalg.norm(forward(p) - q)
+        return p, jnp.where(jnp.isfinite(residual), residual, jnp.inf)
 
-    refined = jax.vmap(refine)(start, points_vox)
-    residual = lambda p: jnp.linalg.norm(jax.vmap(forward)(p) - points_vox, axis=-1)
-    res_start, res_refined = residual(start), residual(refined)
-    use_refined = jnp.isfinite(res_refined) & (res_refined <= res_start)
-    points_out = jnp.where(use_refined[:, None], refined, start)
+    refined, residual = jax.vmap(jax.vmap(refine), in_axes=(0, None))(starts, points_vox)
+    best = jnp.argmin(residual, axis=0)  # (K,)
+    points_out = jnp.take_along_axis(refined, best[None, :, None], axis=0)[0]
+    residual = jnp.min(residual, axis=0)
     size = jnp.asarray(crop_size, jnp.float32)
     inside = jnp.all((points_out >= 0) & (points_out < size[None, :]), axis=-1)
-    close = jnp.minimum(res_start, jnp.where(use_refined, res_refined, res_start)) <= 2.0
-    return points_out, valid & inside & close
+    return points_out, valid & inside & (residual <= 2.0)
