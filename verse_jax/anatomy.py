@@ -86,7 +86,7 @@ class Shape:
         params: kind-specific numbers (see ``signed_distance``), mm.
         lo: (3,) lower corner of the local bounding box, mm.
         hi: (3,) upper corner of the local bounding box, mm.
-        tissue: 'bone', 'disc', 'lung', 'gas' or 'vessel'.
+        tissue: 'bone', 'disc', 'lung', 'gas', 'vessel' or 'organ'.
         label: VerSe id for vertebra parts, 0 otherwise.
         hu: intensity for non-bone tissues (HU).
     """
@@ -564,6 +564,39 @@ def soft_organ_shapes(spine: Spine, rng: np.random.Generator, hu: dict) -> list[
                 rng.uniform(6, 22, 3),
                 tissue="gas",
                 hu=hu["gas"],
+            )
+        )
+    return shapes
+
+
+def abdominal_organ_shapes(spine: Spine, hu: dict) -> list[Shape]:
+    """Liver, spleen and kidneys around the thoracolumbar junction (not labelled).
+
+    Args:
+        spine: the spine they are placed around.
+        hu: intensities (HU) under the keys 'liver', 'spleen', 'kidney'.
+    """
+    by_label = {v.label: v for v in spine.vertebrae}
+    k = spine.scale
+    organs = (  # (vertebra, local centre (mm), radii (mm), tissue)
+        (18, (-70, -60, -10), (70, 80, 75), "liver"),
+        (18, (85, -5, 0), (25, 45, 50), "spleen"),
+        (20, (70, 5, 10), (22, 28, 50), "kidney"),
+        (21, (-70, 5, 15), (22, 28, 50), "kidney"),
+    )
+    shapes = []
+    for label, centre, radii, organ in organs:
+        v = by_label[label]
+        where = np.array(centre) * k
+        shapes.append(
+            _capsule_shape(
+                v.center_mm,
+                v.rotation,
+                where,
+                where,
+                np.array(radii) * k,
+                tissue="organ",
+                hu=hu[organ],
             )
         )
     return shapes

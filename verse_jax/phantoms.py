@@ -262,6 +262,9 @@ def _sample_intensities(rng: np.random.Generator) -> dict:
         "cortex_mm": rng.uniform(1.0, 2.0),
         "aorta": rng.uniform(150, 350) if contrast else rng.uniform(35, 50),
         "ivc": rng.uniform(80, 180) if contrast else rng.uniform(35, 50),
+        "liver": rng.uniform(90, 130) if contrast else rng.uniform(50, 65),
+        "spleen": rng.uniform(90, 130) if contrast else rng.uniform(40, 55),
+        "kidney": rng.uniform(120, 200) if contrast else rng.uniform(25, 35),
     }
 
 
@@ -349,7 +352,10 @@ def generate_phantom(
         grid_rng, spine, fov or fov_draw, spacing_mm, orientation or orientation_draw, max_voxels
     )
     hu = _sample_intensities(hu_rng)
-    shapes = anatomy.soft_organ_shapes(spine, hu_rng, hu) + anatomy.disc_shapes(spine, hu["disc"])
+    shapes = anatomy.abdominal_organ_shapes(spine, hu) + anatomy.soft_organ_shapes(
+        spine, hu_rng, hu
+    )
+    shapes += anatomy.disc_shapes(spine, hu["disc"])
     shapes += [anatomy.skull_shape(spine), *anatomy.pelvis_shapes(spine)]
     for vert in spine.vertebrae:
         shapes += anatomy.vertebra_shapes(vert)
