@@ -78,14 +78,15 @@ def _tiny_variables(name):
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_tiny_presets_output_shapes(name):
+    # Shapes only (traced, not compiled): the other tests run each tiny network for real.
     net, cin, cout = TINY[name]
-    x = jnp.ones((2, 16, 8, 24, cin), jnp.float32)
-    out = jax.jit(functools.partial(net.apply, train=False))(_tiny_variables(name), x)
+    x = jax.ShapeDtypeStruct((2, 16, 8, 24, cin), jnp.float32)
+    out = jax.eval_shape(functools.partial(net.apply, train=False), _tiny_variables(name), x)
     outputs = out if isinstance(out, SCNOutput) else (out,)
+    assert len(outputs) == (3 if name == "scn" else 1)
     for y in outputs:
         assert y.shape == (2, 16, 8, 24, cout)
         assert y.dtype == jnp.float32
-        assert bool(jnp.all(jnp.isfinite(y)))
 
 
 def test_initialisation_matches_the_reference():
@@ -150,6 +151,9 @@ def test_bfloat16_compute_returns_float32():
     x = jax.random.normal(jax.random.key(0), (1, 8, 8, 8, 1))
     out = jax.jit(functools.partial(net.copy(dtype=jnp.bfloat16).apply, train=False))(variables, x)
     ref = jax.jit(functools.partial(net.apply, train=False))(variables, x)
+    assert all(bool(jnp.all(jnp.isfinite(r))) for r in ref)
+    np.testing.assert_allclose(ref.heatmaps, ref.local_heatmaps * ref.spatial_heatmaps, rtol=1e-6)
+    assert float(jnp.max(jnp.abs(ref.spatial_heatmaps))) <= 1.0 + 1e-6  # tanh, cubic overshoot
     for y, r in zip(out, ref, strict=True):
         assert y.dtype == jnp.float32
         np.testing.assert_allclose(y, r, atol=0.05 * float(jnp.max(jnp.abs(r))) + 1e-7)
