@@ -68,6 +68,11 @@ def test_vertebrae_grow_from_neck_to_lumbar_spine():
     assert volume[4] < volume[13] < volume[22]  # C4 < T6 < L3
 
 
+def test_ribs_on_thoracic_vertebrae_only():
+    spine = phantoms.draw_spine(0, extra_vertebra="T13")
+    assert {v.label for v in spine.vertebrae if v.has_ribs} == set(range(8, 20)) | {T13}
+
+
 def test_write_dataset_round_trip_and_splits(tmp_path):
     ids = phantoms.write_phantom_dataset(tmp_path, 3, seed=4, max_voxels=150_000)
     assert ids == ["phantom000", "phantom001", "phantom002"]

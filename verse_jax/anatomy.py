@@ -180,6 +180,11 @@ class Vertebra:
     dims: dict
 
     @property
+    def has_ribs(self) -> bool:
+        """Whether ribs articulate with this vertebra (T1-T12 and T13)."""
+        return 6.5 < self.level < 19
+
+    @property
     def centroid_mm(self) -> np.ndarray:
         """(3,) vertebral-body centre (C1: centre of the ring), LPS mm."""
         if self.label != 1:

@@ -367,7 +367,7 @@ def generate_phantom(
     shapes += [anatomy.skull_shape(spine), *anatomy.pelvis_shapes(spine)]
     for vert in spine.vertebrae:
         shapes += anatomy.vertebra_shapes(vert)
-        if 6.5 < vert.level < 19:  # T1 .. T12 (and T13)
+        if vert.has_ribs:
             shapes += anatomy.rib_shapes(vert)
     image, labels = _render(shapes, spine, geometry, hu, noise_rng)
     sigma = noise_rng.uniform(5, 35) if noise_hu is None else float(noise_hu)
