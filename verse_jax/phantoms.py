@@ -242,6 +242,11 @@ def _render(shapes, spine, geometry, hu, rng) -> tuple[np.ndarray, np.ndarray]:
     value = hu["cortical"] + inner * (cancellous - hu["cortical"])
     image[near] += _ramp(depth, width) * (value - image[near])
     labels[vertebra >= 0] = 0
+    # Thick slices: blur across neighbouring slices (the ramp above covers ``width`` only).
+    side = float(np.clip((geometry.spacing_mm[2] - width) / (2 * geometry.spacing_mm[2]), 0, 0.25))
+    if side > 0.01 and geometry.size[2] > 2:
+        kernel = np.array([side, 1 - 2 * side, side], np.float32)
+        image = ndimage.convolve1d(image, kernel, axis=2, mode="nearest")
     return image, labels
 
 
