@@ -457,7 +457,8 @@ def default_dataset(
     Args:
         cache_dir: folder of the data set; default ``~/.cache/verse-jax/phantoms-v1-<num_cases>-
             <seed>``.
-        num_cases: number of cases (default 32: about 2 minutes on one core).
+        num_cases: number of cases (default 32: about 1 CPU minute, 2-3 minutes on a busy
+            2-core machine, 260 MB).
         seed: data set seed.
         max_voxels: voxel budget per case (see ``generate_phantom``).
 
