@@ -78,12 +78,23 @@ def test_write_dataset_round_trip_and_splits(tmp_path):
     assert ids == ["phantom000", "phantom001", "phantom002"]
     cases = io.find_cases(tmp_path)
     assert [case.case_id for case in cases] == ids
-    for case in cases:
+    for i, case in enumerate(cases):
         image, mask = io.read_volume(case.image_path), io.read_mask(case.mask_path)
         centroids = io.read_centroids(case.centroids_path, mask.geometry)
         assert image.array.dtype == np.int16
         assert set(np.unique(mask.array).tolist()) - {0} == set(centroids.labels.tolist())
         assert len(centroids.labels) > 0
+        # The files hold exactly generate_phantom(case_seed(seed, i)).
+        phantom = phantoms.generate_phantom(phantoms.case_seed(4, i), max_voxels=150_000)
+        geometry = phantom.image.geometry
+        assert image.geometry.size == geometry.size
+        np.testing.assert_allclose(image.geometry.spacing_mm, geometry.spacing_mm, rtol=1e-6)
+        np.testing.assert_allclose(image.geometry.origin_mm, geometry.origin_mm, atol=1e-4)
+        np.testing.assert_allclose(image.geometry.direction, geometry.direction, atol=1e-6)
+        np.testing.assert_array_equal(image.array, phantom.image.array)
+        np.testing.assert_array_equal(mask.array, phantom.mask.array)
+        np.testing.assert_array_equal(centroids.labels, phantom.centroids.labels)
+        np.testing.assert_allclose(centroids.points_mm, phantom.centroids.points_mm, atol=1e-3)
     splits = io.read_splits(tmp_path)
     assert sorted(splits["train"] + splits["val"] + splits["test"]) == ids
     assert len(splits["val"]) == 1 and len(splits["test"]) == 1
