@@ -434,6 +434,9 @@ def random_bundle(
 ) -> Path:
     """Export a bundle of randomly initialised networks (tests, benchmarks); see random_params.
 
+    The spine network's output bias is 1, so that its heatmap is positive and the pipeline finds
+    a spine (with a zero bias a random network often has no positive output inside the scan).
+
     Args:
         out_dir: bundle directory to write.
         preset: network preset of all three factories (``"tiny"``, ``"demo"``, ``"paper"``).
@@ -453,12 +456,15 @@ def random_bundle(
             model = build_model(STAGE_FACTORIES[stage], kwargs)
             grid = _grid_dict(grids[stage], f"random_bundle grid {stage!r}")
             shapes = abstract_params(model, grid["crop_size"], STAGE_CHANNELS[stage])
+            params = random_params(shapes, seed * len(STAGES) + offset)
+            if stage == "spine" and "output" in params:  # positive heatmap: a spine is found
+                params["output"]["bias"] = np.ones_like(params["output"]["bias"])
             export_stage(
                 stage_dir / stage,
                 stage=stage,
                 factory=STAGE_FACTORIES[stage],
                 factory_kwargs=kwargs,
-                params=random_params(shapes, seed * len(STAGES) + offset),
+                params=params,
                 grid=grid,
                 num_landmarks=num_landmarks,
                 input_channels=STAGE_CHANNELS[stage],

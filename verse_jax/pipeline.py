@@ -121,12 +121,13 @@ def predict_spine(volume: Volume, stage: StageModel) -> np.ndarray:
         NoSpineFoundError: the heatmap has no positive value inside the scan.
     """
     crop = np.asarray(stage.grid.crop_size)
-    start = (np.asarray(volume.geometry.size) - crop) // 2
+    size = np.asarray(volume.geometry.size)
+    start = np.where(crop >= size, -((crop - size) // 2), (size - crop) // 2)  # as in training
     box = cut_box(volume, start, crop)
     out = stage.apply_fn()(jnp.asarray(box.array)[None, ..., None])
     heatmap = np.maximum(np.asarray(out[0, ..., 0], np.float64), 0.0)
     inside = np.zeros(heatmap.shape, bool)
-    low, high = np.maximum(-start, 0), np.minimum(np.asarray(volume.geometry.size) - start, crop)
+    low, high = np.maximum(-start, 0), np.minimum(size - start, crop)
     inside[tuple(slice(a, b) for a, b in zip(low, high, strict=True))] = True
     weights = np.where(inside, heatmap, 0.0)
     total = weights.sum()
