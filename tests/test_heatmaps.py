@@ -136,3 +136,42 @@ def test_find_candidates_vmaps_over_channels():
     np.testing.assert_allclose(c.points_vox[:, 0], [[1, 2, 3], [6, 5, 4]])
     with pytest.raises(ValueError, match="heatmap"):
         find_candidates(heatmaps)
+
+
+def _reference_candidates(h, max_candidates, radius, min_max_value, rel):
+    """Plain numpy version of REFERENCE 5.6 (full-volume sphere zeroing)."""
+    h = np.array(h, np.float64)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in h.shape], indexing="ij"), -1)
+    found = []
+    while len(found) < max_candidates:
+        index = np.array(np.unravel_index(np.argmax(h), h.shape))
+        value, point = h[tuple(index)], index.astype(np.float64)
+        for axis in range(3):
+            if 0 < index[axis] < h.shape[axis] - 1:
+                step = np.eye(3, dtype=int)[axis]
+                lo, hi = h[tuple(index - step)], h[tuple(index + step)]
+                point[axis] += 0.5 * (lo - hi) / (lo - 2 * value + hi)
+        if found and value <= rel * found[0][0]:
+            break
+        found.append((value, point))
+        if found[0][0] < min_max_value:
+            break
+        h[np.sum((grid - point) ** 2, -1) <= radius**2] = 0.0
+    return found
+
+
+def test_find_candidates_matches_a_full_volume_numpy_reference():
+    rng = np.random.default_rng(0)
+    shape = (14, 11, 24)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    centres = rng.uniform(-1, np.array(shape), size=(12, 3))  # some near or beyond the border
+    heights = rng.uniform(0.05, 1.0, size=12)
+    h = sum(
+        a * np.exp(-np.sum((grid - c) ** 2, -1) / 8.0)
+        for a, c in zip(heights, centres, strict=True)
+    )
+    c = _candidates(jnp.asarray(h, jnp.float32), max_candidates=10, min_distance_vox=3.5)
+    expected = _reference_candidates(h.astype(np.float32), 10, 3.5, 0.25, 0.1)
+    assert int(c.valid.sum()) == len(expected) >= 4
+    np.testing.assert_allclose(c.values[: len(expected)], [v for v, _ in expected], rtol=1e-5)
+    np.testing.assert_allclose(c.points_vox[: len(expected)], [p for _, p in expected], atol=1e-3)

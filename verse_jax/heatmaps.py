@@ -142,6 +142,18 @@ class Candidates(NamedTuple):
     valid: jax.Array
 
 
+def _argmax_3d(image: jax.Array) -> jax.Array:
+    """(3,) int32 index of the first maximum in C order, as ``unravel_index(argmax(image))``.
+
+    Two stages (max over z, then argmax over the (x, y) plane and the z row): XLA:CPU's variadic
+    argmax reduction is ~50x slower than a plain max over a 96 x 96 x 256 volume.
+    """
+    plane = jnp.max(image, axis=2)
+    ix, iy = jnp.unravel_index(jnp.argmax(plane), plane.shape)
+    iz = jnp.argmax(image[ix, iy])
+    return jnp.stack([ix, iy, iz]).astype(jnp.int32)
+
+
 def _refined_maximum(image: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Global maximum value and its position refined per axis by a quadratic fit.
 
@@ -149,7 +161,7 @@ def _refined_maximum(image: jax.Array) -> tuple[jax.Array, jax.Array]:
     neighbourhood, where the reference would divide by zero).
     """
     shape = image.shape
-    index = jnp.stack(jnp.unravel_index(jnp.argmax(image), shape)).astype(jnp.int32)
+    index = _argmax_3d(image)
     value = image[tuple(index)]
     point = index.astype(jnp.float32)
     for axis in range(3):
@@ -161,6 +173,30 @@ def _refined_maximum(image: jax.Array) -> tuple[jax.Array, jax.Array]:
         delta = 0.5 * (lo - hi) / jnp.where(inside, denom, -1.0)
         point = point.at[axis].add(jnp.where(inside, delta, 0.0))
     return value, point
+
+
+def _zero_ball(image: jax.Array, point: jax.Array, radius: float) -> jax.Array:
+    """Sets the voxels within ``radius`` of the continuous index ``point`` (3,) to zero.
+
+    Touches only a box of 2 (ceil(radius) + 1) + 1 voxels per axis (clamped into the image)
+    instead of the whole volume.
+    """
+    reach = math.ceil(radius) + 1
+    box = tuple(min(2 * reach + 1, n) for n in image.shape)
+    start = [
+        jnp.clip(jnp.floor(point[axis]).astype(jnp.int32) - reach, 0, n - b)
+        for axis, (n, b) in enumerate(zip(image.shape, box, strict=True))
+    ]
+    patch = lax.dynamic_slice(image, start, box)
+    d2 = sum(
+        (jnp.arange(b, dtype=jnp.float32) + start[axis] - point[axis]).reshape(
+            [b if a == axis else 1 for a in range(3)]
+        )
+        ** 2
+        for axis, b in enumerate(box)
+    )
+    patch = jnp.where(d2 <= radius**2, 0.0, patch)
+    return lax.dynamic_update_slice(image, patch, start)
 
 
 def find_candidates(
@@ -192,17 +228,14 @@ def find_candidates(
         raise ValueError(f"heatmap must be (x, y, z), got shape {heatmap.shape}")
     if max_candidates < 1:
         raise ValueError(f"max_candidates must be >= 1, got {max_candidates}")
+    if min_distance_vox < 0:
+        raise ValueError(f"min_distance_vox must be >= 0, got {min_distance_vox}")
     heatmap = jnp.asarray(heatmap, jnp.float32)
-    grid = [
-        jnp.arange(n, dtype=jnp.float32).reshape([n if a == axis else 1 for a in range(3)])
-        for axis, n in enumerate(heatmap.shape)
-    ]
     top_value, top_point = _refined_maximum(heatmap)
 
     def step(carry, _):
         image, point, active = carry
-        d2 = sum((g - point[axis]) ** 2 for axis, g in enumerate(grid))
-        image = jnp.where(d2 <= min_distance_vox**2, 0.0, image)
+        image = _zero_ball(image, point, min_distance_vox)
         value, point = _refined_maximum(image)
         active = active & (value > relative_threshold * top_value)
         return (image, point, active), (value, point, active)
