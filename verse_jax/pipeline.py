@@ -64,7 +64,8 @@ def stage_volumes(image: Volume, grids: dict[str, StageGrid]) -> dict[str, Volum
     Returns:
         stage name -> float32 Volume in [-1, 1] on ``physical_bounding_grid(image, spacing_mm)``.
     """
-    clamped = np.maximum(np.asarray(image.array, np.float32), np.float32(preprocessing.CT_MIN_HU))
+    clamped = np.array(image.array, np.float32)  # one float32 copy, clamped in place
+    np.maximum(clamped, np.float32(preprocessing.CT_MIN_HU), out=clamped)
     clamped = Volume(clamped, image.geometry)
     out = {}
     for smoothing in sorted({grid.smoothing_mm for grid in grids.values()}):
