@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from verse_jax import augmentation as aug
 
@@ -145,6 +146,45 @@ def test_landmarks_leaving_the_crop_become_invalid():
     np.testing.assert_array_equal(np.asarray(ok), [True, False, True, False, False, False])
     expected = [[11.5, 11.5, 29.5], [11.5, 11.5, 7.5]]
     np.testing.assert_allclose(np.asarray(out)[[0, 2]], expected, atol=1e-4)
+
+
+def _sitk_resample(array, params, center, interpolator):
+    """The reference's way: SimpleITK composite transform (affine after B-spline), resampling."""
+    image = sitk.GetImageFromArray(np.transpose(array, (2, 1, 0)))  # numpy view is (z, y, x)
+    image.SetSpacing((SPACING,) * 3)
+    bspline = sitk.BSplineTransform(3, 3)
+    bspline.SetTransformDomainPhysicalDimensions(tuple(float(n * SPACING) for n in CROP))
+    bspline.SetTransformDomainMeshSize([3, 3, 3])
+    coefficients = [params.displacement_mm[..., d].ravel(order="F") for d in range(3)]
+    bspline.SetParameters(tuple(np.concatenate(coefficients).astype(float)))
+    matrix = aug.rotation_matrix(params.rotation_rad.astype(float), xp=np) * params.scale[None, :]
+    c_out = (np.array(CROP) - 1) / 2 * SPACING
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix(tuple(matrix.ravel()))
+    affine.SetTranslation(tuple(center * SPACING + params.translation_mm - matrix @ c_out))
+    reference = sitk.Image(list(CROP), sitk.sitkFloat32)
+    reference.SetSpacing((SPACING,) * 3)
+    transform = sitk.CompositeTransform([affine, bspline])  # B-spline first
+    out = sitk.Resample(image, reference, transform, interpolator, 0.0, image.GetPixelID())
+    return np.transpose(sitk.GetArrayFromImage(out), (2, 1, 0))
+
+
+def test_matches_simpleitk_composite_transform():
+    rng = np.random.default_rng(7)
+    box = rng.uniform(-1, 1, BOX).astype(np.float32)
+    labels = rng.integers(0, 26, BOX).astype(np.uint8)
+    center = ((np.array(BOX) - 1) / 2).astype(np.float32)
+    params = aug.sample_params(rng, dataclasses.replace(RANGES, translation_mm=4.0))
+    params = params._replace(intensity_shift=np.float32(0), intensity_scale=np.float32(1))
+    points, valid = np.zeros((6, 3), np.float32), np.zeros(6, bool)
+    image, label, _, _, grid = _jit_transform(params, box, labels, center, points, valid)
+    grid = np.asarray(grid)
+    inside = np.all((grid >= 0) & (grid <= np.array(BOX) - 1), axis=-1)
+    assert inside.mean() > 0.3
+    expected = _sitk_resample(box, params, center, sitk.sitkLinear)
+    np.testing.assert_allclose(np.asarray(image)[inside], expected[inside], atol=1e-4)
+    expected = _sitk_resample(labels, params, center, sitk.sitkNearestNeighbor)
+    assert np.mean(np.asarray(label)[inside] == expected[inside]) > 0.999
 
 
 def test_intensity_and_outside_value():

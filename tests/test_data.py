@@ -168,7 +168,10 @@ def test_same_seed_same_batches_and_different_seed_differs(dataset_root, cache_d
 
 
 def test_worker_count_does_not_change_batches(dataset_root, cache_dir):
-    one = _take(_train(dataset_root, cache_dir, "spine", seed=4, workers=1), 4)
+    iterator = iter(_train(dataset_root, cache_dir, "spine", seed=4, workers=1))
+    one = [next(iterator) for _ in range(4)]
+    json.dumps(iterator.get_state())  # checkpointable with workers too
+    iterator.close()
     two = _take(_train(dataset_root, cache_dir, "spine", seed=4, workers=2), 4)
     none = _take(_train(dataset_root, cache_dir, "spine", seed=4, workers=0), 4)
     _assert_batches_equal(one, two)

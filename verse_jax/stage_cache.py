@@ -182,6 +182,7 @@ def build_stage_case(case: io.Case, spec: StageSpec, cache_dir) -> Path:
         for name, array in arrays.items():
             np.save(tmp / f"{name}.npy", array)
         (tmp / "meta.json").write_text(json.dumps(meta))
+        tmp.chmod(0o755)  # mkdtemp makes it private
         os.rename(tmp, target)
     except OSError:
         if not (target / "meta.json").is_file():  # not a lost race with another writer
