@@ -125,6 +125,8 @@ def sitk_sample(raw: dict, spec, index: int = 0) -> tuple[float, dict]:
     for key, mask in masks.items():
         out[key] = sitk.Resample(mask, reference, transform, sitk.sitkNearestNeighbor, 0)
     out = {k: io.volume_from_sitk(v).array for k, v in out.items()}
+    if "label" in out:  # the sample's vertebra
+        out["label"] = out["label"] == raw["label_id"][index]
     shifted = (out["image"] + params.intensity_shift) * params.intensity_scale
     out["image"] = np.clip(shifted, -1, 1)
     return time.perf_counter() - start, out

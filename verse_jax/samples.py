@@ -10,7 +10,8 @@ pipeline with a leading batch axis B)::
     landmarks_vox  (K, 3) float32        landmarks in box voxels ("spine", "scn")
     valid          (K,) bool
     mask           (bx, by, bz) uint8    landmark-mask box ("scn")
-    label          (bx, by, bz) uint8    box of the binary mask of the sample's vertebra ("seg")
+    label          (bx, by, bz) uint8    box of the VerSe label mask ("seg")
+    label_id       () int32              VerSe id of the sample's vertebra ("seg")
     heatmap_vox    (1, 3) float32        jittered centroid in box voxels ("seg"); heatmap_valid (1,)
     params         dict of AugmentParams fields (see ``augmentation``)
     case_index     () int32; example_mask () bool (False for padding in evaluation batches)
@@ -121,8 +122,8 @@ def host_sample(
     if spec.name == "scn":
         sample["mask"] = cut_box(case.landmark_mask, start, size, np.uint8(0))
     if spec.name == "seg":
-        label = cut_box(case.labels, start, size, np.uint8(0))
-        sample["label"] = (label == index_to_label(vertebra)).astype(np.uint8)
+        sample["label"] = cut_box(case.labels, start, size, np.uint8(0))
+        sample["label_id"] = np.int32(index_to_label(vertebra))
         jitter = 0.0 if rng is None else rng.uniform(-1, 1, 3) * spec.landmark_jitter_mm
         point = case.landmarks_vox[vertebra] + jitter / spec.spacing_mm - start
         sample["heatmap_vox"] = point[None, :].astype(np.float32)
@@ -151,7 +152,8 @@ def _transform_one(spec: StageSpec, raw: dict) -> dict:
             point, valid, spec.heatmap_sigma_vox, spec.crop_size, scale=1.0, normalize=False
         )
         out["image"] = jnp.concatenate([image, heat.astype(jnp.float32)], axis=-1)
-        out["label"] = aug.apply_nearest(raw["label"], grid)[..., None]
+        label = aug.apply_nearest(raw["label"], grid) == raw["label_id"]
+        out["label"] = label.astype(jnp.float32)[..., None]
     return out
 
 
