@@ -2,12 +2,23 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
-from verse_jax import bundle, inference, phantoms, pipeline, postprocessing, preprocessing
+from verse_jax import (
+    bundle,
+    inference,
+    metrics,
+    models,
+    phantoms,
+    pipeline,
+    postprocessing,
+    preprocessing,
+)
 from verse_jax.bundle import StageGrid
 from verse_jax.geometry import Geometry, Volume
 
@@ -121,3 +132,86 @@ def test_repeated_cases_do_not_recompile(tiny):
     assert cache_sizes() == sizes
     np.testing.assert_array_equal(first[1].array, second[1].array)
     np.testing.assert_array_equal(first[0].points_mm, second[0].points_mm)
+
+
+class _Oracle(nn.Module):
+    """A parameter-free stand-in network that reads the answer off the synthetic CT below.
+
+    Sphere k (VerSe id 18 + k) has intensity LEVELS_HU[k]; the spine net marks bright voxels, the
+    SCN's channel (id - 1) marks that sphere's intensity band, the segmentation net marks bright
+    voxels near the centroid channel; heatmaps are blurred so they peak at sphere centres.
+    """
+
+    kind: str
+
+    @nn.compact
+    def __call__(self, x, *, train):
+        image = x[..., 0]
+        if self.kind == "seg":
+            inside = (image > -0.15) & (x[..., 1] > 0.01)  # about halfway from air to bone
+            return jnp.where(inside, 10.0, -10.0)[..., None]
+        if self.kind == "spine":
+            return _blur((image > 0.05).astype(jnp.float32)[..., None])
+        levels = np.zeros(25, np.float32) - 9.0
+        levels[17 : 17 + len(LEVELS_HU)] = np.asarray(LEVELS_HU) / 2048.0
+        band = jnp.abs(image[..., None] - jnp.asarray(levels)[None, None, None, None]) < 15 / 2048
+        heat = _blur(band.astype(jnp.float32))
+        return models.SCNOutput(heat, heat, heat)
+
+
+def _blur(x):
+    """(b, x, y, z, c) -> the same, separable [1, 2, 3, 2, 1] / 9 filter, edge padded."""
+    weights = (1.0, 2.0, 3.0, 2.0, 1.0)
+    for axis in (1, 2, 3):
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (2, 2)
+        padded = jnp.pad(x, pad, mode="edge")
+        n = x.shape[axis]
+        x = sum(w * lax.slice_in_dim(padded, i, i + n, axis=axis) for i, w in enumerate(weights))
+        x = x / 9.0
+    return x
+
+
+LEVELS_HU = (300.0, 450.0, 600.0, 750.0, 900.0)
+
+
+def _oracle_stage(kind, grid, channels):
+    return bundle.StageModel(
+        stage=kind,
+        model=_Oracle(kind),
+        params={},
+        grid=grid,
+        num_landmarks=25,
+        input_channels=channels,
+        factory="oracle",
+        factory_kwargs={},
+        sigmas=None,
+        extra={},
+    )
+
+
+def test_predict_case_with_oracle_networks_finds_the_truth():
+    angle = 0.2
+    c, s = np.cos(angle), np.sin(angle)
+    direction = (c, 0.0, s, 0.0, 1.0, 0.0, -s, 0.0, c)  # oblique: rotated about y
+    grid = Geometry((44, 40, 90), (2.0, 2.0, 2.5), (-40.0, -40.0, -110.0), direction)
+    center = grid.index_to_physical((np.asarray(grid.size) - 1) / 2)
+    truth = center + np.array([[0.0, 0.0, 60.0 - 30.0 * k] for k in range(5)])
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in grid.size], indexing="ij"), -1)
+    points = grid.index_to_physical(index)
+    image = np.full(grid.size, -1000.0, np.float32)
+    labels = np.zeros(grid.size, np.uint16)
+    for k, point in enumerate(truth):
+        inside = np.sum((points - point) ** 2, axis=-1) <= 9.0**2
+        image[inside], labels[inside] = LEVELS_HU[k], 18 + k
+    oracle = bundle.Bundle(
+        spine=_oracle_stage("spine", StageGrid(8.0, (16, 16, 32), 3.0), 1),
+        scn=_oracle_stage("scn", StageGrid(4.0, (16, 16, 32), 0.75), 1),
+        seg=_oracle_stage("seg", StageGrid(2.0, (32, 32, 24), 0.75), 2),
+    )
+    centroids, mask = pipeline.predict_case(Volume(image.astype(np.int16), grid), oracle)
+    assert centroids.labels.tolist() == [18, 19, 20, 21, 22]
+    np.testing.assert_allclose(centroids.points_mm, truth, atol=2.0)
+    assert mask.geometry == grid
+    scores = metrics.segmentation_metrics(mask.array, labels, grid.spacing_mm)
+    assert min(scores.dice.values()) > 0.9 and not scores.extra_labels
