@@ -65,10 +65,11 @@ def sample_plane(volume: Volume, axes: tuple[int, int], fixed_mm: np.ndarray, or
     index = volume.geometry.physical_to_index(points)
     coords = np.moveaxis(index, -1, 0)
     cval = _WINDOW_HU[0] if order else 0
-    data = np.asarray(volume.array)
-    if order:
-        data = data.astype(np.float32)
-    return ndimage.map_coordinates(data, coords, order=order, cval=cval, mode="constant"), step
+    output = np.float32 if order else None  # no float copy of the whole volume
+    plane = ndimage.map_coordinates(
+        np.asarray(volume.array), coords, output=output, order=order, cval=cval, mode="constant"
+    )
+    return plane, step
 
 
 def render_preview(
