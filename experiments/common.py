@@ -1,0 +1,362 @@
+"""What the three training scripts share: config -> data, model, optimizer; `run`; `main`.
+
+A stage script describes only what differs (`Stage`: network factory, loss, validation) and calls
+`run(config, workdir, stage)`, which writes `config.json`, builds the mesh and the Grain pipeline,
+initialises or resumes from `<workdir>/checkpoints`, runs `verse_jax.training.fit` and exports the
+stage for inference to `<workdir>/export` (at every checkpoint and at the end).
+"""
+
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from verse_jax import bundle, checkpoint, data, io, phantoms, samples, training
+from verse_jax.augmentation import AugmentRanges
+from verse_jax.geometry import Volume
+from verse_jax.stage_cache import StageSpec, load_stage_case, prepare_stage_cases
+
+log = logging.getLogger("experiments")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a stage's validation needs (built by `run`)."""
+
+    config: ml_collections.ConfigDict
+    root: Path
+    val_ids: list[str]
+    spec: StageSpec
+    cache_dir: Path
+    model: Any
+    mesh: jax.sharding.Mesh
+    factory: str
+    factory_kwargs: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """What differs between the stages.
+
+    Attributes:
+        factory: network factory name (`verse_jax.bundle.STAGE_FACTORIES`).
+        factory_kwargs: its keyword arguments, from the config.
+        make_loss: `model.apply -> loss_fn` (`verse_jax.training.make_*_loss` with config values).
+        make_evaluate: `Context -> (TrainState -> {metric: float})` on the validation cases.
+        sigmas: (K,) initial learnable sigmas (SCN) or None.
+    """
+
+    factory: str
+    factory_kwargs: dict
+    make_loss: Callable[[Callable], training.LossFn]
+    make_evaluate: Callable[[Context], Callable[[training.TrainState], dict]]
+    sigmas: np.ndarray | None = None
+
+
+def build_optimizer(optim: ml_collections.ConfigDict):
+    """`(optax transformation, learning-rate schedule)` from `config.optim`."""
+    schedule = training.piecewise_constant_tf(
+        optim.lr, tuple(optim.boundaries), tuple(optim.scales)
+    )
+    makers = {
+        "adam": lambda: optax.adam(schedule, b1=0.9, b2=0.999, eps=1e-8),
+        "sgd_nesterov": lambda: optax.sgd(schedule, momentum=optim.momentum, nesterov=True),
+    }
+    if optim.name not in makers:
+        raise ValueError(f"config.optim.name must be one of {sorted(makers)}, got {optim.name!r}")
+    optimizer = makers[optim.name]()
+    if optim.clip_norm > 0:
+        optimizer = optax.chain(optax.clip_by_global_norm(optim.clip_norm), optimizer)
+    return optimizer, schedule
+
+
+def stage_spec(config: ml_collections.ConfigDict) -> StageSpec:
+    """The data module's stage settings from `config.data`."""
+    d = config.data
+    ranges = AugmentRanges() if d.augment else AugmentRanges.none()
+    return StageSpec(
+        config.stage,
+        float(d.spacing_mm),
+        tuple(d.crop_size),
+        float(d.smoothing_mm),
+        num_landmarks=d.num_landmarks,
+        augment=ranges,
+    )
+
+
+def stage_grid(config: ml_collections.ConfigDict) -> dict:
+    d = config.data
+    return {
+        "spacing_mm": float(d.spacing_mm),
+        "crop_size": [int(v) for v in d.crop_size],
+        "smoothing_mm": float(d.smoothing_mm),
+    }
+
+
+def resolve_data(d: ml_collections.ConfigDict) -> tuple[Path, list[str], list[str], Path]:
+    """`(root, train ids, validation ids, stage cache folder)` from `config.data`.
+
+    Without `d.root` the built-in phantoms are used (generated once into their cache). With
+    `root/splits.json`, cross-validation folds split its "train" list and fold "all" validates on
+    its "val" list; without it, folds split all cases and "all" has no validation.
+    """
+    if d.root:
+        root = Path(d.root)
+    else:
+        kwargs = {"num_cases": d.phantom_cases} if d.phantom_cases else {}
+        root = Path(phantoms.default_dataset(**kwargs))
+    has_splits = (root / "splits.json").is_file()
+    split = "train" if has_splits else None
+    fold = str(d.fold)
+    if fold == "all":
+        train_ids = data.select_case_ids(root, split=split, fold="all", part="train")
+        val_ids = data.select_case_ids(root, split="val") if has_splits else []
+    elif fold in ("0", "1", "2"):
+        train_ids = data.select_case_ids(root, split=split, fold=int(fold), part="train")
+        val_ids = data.select_case_ids(root, split=split, fold=int(fold), part="val")
+    else:
+        raise ValueError(f"config.data.fold must be 0, 1, 2 or all, got {d.fold!r}")
+    cache_dir = Path(d.cache_dir) if d.cache_dir else Path.home() / ".cache/verse-jax/stages"
+    return root, train_ids, val_ids, cache_dir
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """`<workdir>/config.json` (atomic)."""
+    path = workdir / "config.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def local_batches(iterator, mesh: jax.sharding.Mesh):
+    """Global raw batches from Grain -> this process's rows, as arrays sharded on `data`."""
+    count, index = jax.process_count(), jax.process_index()
+    for batch in iterator:
+        if count > 1:
+            batch = jax.tree.map(lambda x: _rows(x, index, count), batch)
+        yield training.shard_batch(batch, mesh)
+
+
+def _rows(x, index: int, count: int):
+    n = x.shape[0] // count
+    return x[index * n : (index + 1) * n]
+
+
+def replicated(tree, ctx: Context):
+    """`tree` on every device of the mesh (validation inputs next to the replicated params)."""
+    return jax.device_put(tree, NamedSharding(ctx.mesh, PartitionSpec()))
+
+
+def val_cases(ctx: Context) -> list:
+    """The held-out cases with landmarks, on the stage grid (`stage_cache.StageCase`, cached)."""
+    by_id = {case.case_id: case for case in io.find_cases(ctx.root)}
+    ids = ctx.val_ids[: ctx.config.eval.max_cases or None]
+    paths = prepare_stage_cases([by_id[i] for i in ids], ctx.spec, ctx.cache_dir)
+    return [case for case in map(load_stage_case, paths) if case.valid.any()]
+
+
+def stage_volume(case) -> Volume:
+    """A cached stage case's normalised CT as a float32 Volume on the stage grid."""
+    return Volume(np.asarray(case.image, np.float32), case.geometry)
+
+
+def stage_model(ctx: Context, state: training.TrainState) -> bundle.StageModel:
+    """The current parameters as the inference pipeline's stage (what `export_stage` would load)."""
+    config = ctx.config
+    grid = stage_grid(config)
+    return bundle.StageModel(
+        stage=config.stage,
+        model=ctx.model,
+        params=state.params,
+        grid=bundle.StageGrid(grid["spacing_mm"], tuple(grid["crop_size"]), grid["smoothing_mm"]),
+        num_landmarks=config.data.num_landmarks,
+        input_channels=bundle.STAGE_CHANNELS[config.stage],
+        factory=ctx.factory,
+        factory_kwargs=ctx.factory_kwargs,
+        sigmas=None if state.sigmas is None else np.asarray(jax.device_get(state.sigmas)),
+        extra={},
+    )
+
+
+def eval_batches(ctx: Context, *, batch_size: int = 1) -> list[dict]:
+    """The held-out items (stage crops, identity transform) as device batches, computed once."""
+    ids = ctx.val_ids[: ctx.config.eval.max_cases or None]
+    dataset = data.make_eval_dataset(
+        ctx.root, ids, ctx.spec, cache_dir=ctx.cache_dir, batch_size=batch_size
+    )
+    transform = jax.jit(samples.make_device_transform(ctx.spec))
+    return [replicated(transform(batch), ctx) for batch in dataset]
+
+
+def _init_params(model, config, key):
+    shape = (1, *config.data.crop_size, bundle.STAGE_CHANNELS[config.stage])
+    init = jax.jit(lambda k: model.init(k, jnp.zeros(shape, jnp.float32), train=False))
+    return init(key)["params"]
+
+
+def _export(state, config, workdir: Path, stage: Stage, extra: dict) -> None:
+    bundle.export_stage(
+        workdir / "export",
+        stage=config.stage,
+        factory=stage.factory,
+        factory_kwargs=stage.factory_kwargs,
+        params=jax.device_get(state.params),
+        grid=stage_grid(config),
+        num_landmarks=config.data.num_landmarks,
+        input_channels=bundle.STAGE_CHANNELS[config.stage],
+        sigmas=None if state.sigmas is None else np.asarray(jax.device_get(state.sigmas)),
+        extra={"step": int(state.step), "preset": config.preset, **extra},
+    )
+
+
+def run(config: ml_collections.ConfigDict, workdir, stage: Stage) -> training.TrainState:
+    """Trains (or resumes) one stage into `workdir`; returns the final TrainState."""
+    if config.distributed:
+        jax.distributed.initialize()
+    workdir = Path(workdir)
+    main_process = jax.process_index() == 0
+    workdir.mkdir(parents=True, exist_ok=True)
+    if main_process:
+        write_config(config, workdir)
+    root, train_ids, val_ids, cache_dir = resolve_data(config.data)
+    spec = stage_spec(config)
+    mesh = training.make_mesh()
+    training.check_batch_size(config.train.batch_size, mesh)
+    log.info(
+        "stage %s (%s): %d training, %d validation cases from %s; %d device(s)",
+        config.stage,
+        config.preset,
+        len(train_ids),
+        len(val_ids),
+        root,
+        mesh.size,
+    )
+    model = bundle.build_model(stage.factory, stage.factory_kwargs)
+    optimizer, schedule = build_optimizer(config.optim)
+    dataset = data.make_train_dataset(
+        root,
+        train_ids,
+        spec,
+        cache_dir=cache_dir,
+        batch_size=config.train.batch_size,
+        seed=config.seed,
+        num_workers=config.data.worker_count,
+    )
+    iterator = iter(dataset)
+    state, ckpt = _init_or_restore(config, workdir, stage, model, optimizer, mesh, iterator)
+    step = training.make_train_step(
+        stage.make_loss(model.apply),
+        optimizer,
+        device_transform=samples.make_device_transform(spec),
+        learning_rate_fn=schedule,
+    )
+    ctx = Context(
+        config, root, val_ids, spec, cache_dir, model, mesh, stage.factory, stage.factory_kwargs
+    )
+    evaluate = stage.make_evaluate(ctx) if val_ids else None
+    last_eval: dict = {}
+
+    def evaluate_and_keep(s):
+        last_eval.clear()
+        last_eval.update(evaluate(s))
+        return last_eval
+
+    def save(s):
+        ckpt.save(s, iterator.get_state())
+        if main_process:
+            _export(s, config, workdir, stage, {"val": dict(last_eval)})
+
+    t = config.train
+    writer = training.MetricWriter(workdir, total_steps=t.num_steps, start_step=int(state.step))
+    try:
+        state = training.fit(
+            state,
+            jax.jit(step, donate_argnums=0),
+            local_batches(iterator, mesh),
+            rng=jax.random.key(config.seed),
+            loop=training.LoopSchedule(t.num_steps, t.log_every, t.eval_every, t.checkpoint_every),
+            writer=writer,
+            evaluate=evaluate_and_keep if evaluate else None,
+            save=save,
+        )
+    finally:
+        writer.close()
+        ckpt.close()
+    if main_process:
+        _export(state, config, workdir, stage, {"val": dict(last_eval)})
+    return state
+
+
+def _init_or_restore(config, workdir, stage, model, optimizer, mesh, iterator):
+    sigmas = None if stage.sigmas is None else jnp.asarray(stage.sigmas, jnp.float32)
+
+    def init():
+        params = _init_params(model, config, jax.random.key(config.seed))
+        return training.TrainState.create(params, optimizer, sigmas)
+
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.train.max_to_keep)
+    if ckpt.latest_step() is None:
+        return training.replicate(init(), mesh), ckpt
+    state, data_state = ckpt.restore(training.abstract_like(jax.eval_shape(init), mesh))
+    iterator.set_state(data_state)
+    log.info("resuming from step %d in %s", int(state.step), workdir)
+    return state, ckpt
+
+
+def setup_logging() -> None:
+    """INFO log lines with time stamps; quiet third-party INFO chatter (orbax, absl)."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger().setLevel(logging.INFO)
+    for name in ("absl", "orbax", "jax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(stage_name: str, train_and_evaluate) -> None:
+    """Command line of a stage script: `--config=...:preset`, `--config.x.y=...`, `--workdir`."""
+    from absl import app, flags
+    from ml_collections import config_flags
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    config_flag = config_flags.DEFINE_config_file(
+        "config", default=f"{CONFIG_DIR / stage_name}.py:demo", help_string="config file:preset"
+    )
+    workdir_flag = flags.DEFINE_string(
+        "workdir",
+        None,
+        "work directory (default runs/<stage>-<preset>); resumes if it holds a checkpoint",
+    )
+
+    def _main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        setup_logging()
+        config = config_flag.value
+        workdir = workdir_flag.value or f"runs/{config.stage}-{config.preset}"
+        with logging_redirect_tqdm():
+            train_and_evaluate(config, workdir)
+        log.info(
+            "done; metrics in %s, export in %s",
+            Path(workdir) / "metrics.jsonl",
+            Path(workdir) / "export",
+        )
+
+    app.run(_main)
+
+
+def summary(values: list[float]) -> float:
+    """Mean of finite values (nan if none)."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")

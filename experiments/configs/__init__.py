@@ -1,0 +1,66 @@
+"""Experiment configs: `get_config(arg)` in `spine.py`, `scn.py`, `seg.py` (arg: paper|demo|smoke).
+
+`base_config` holds the fields every stage shares; the stage files fill in their grid, network,
+optimizer and loop. Configs are `ml_collections.ConfigDict`s, locked so that a misspelt command-line
+override (`--config.optim.lr=...`) is an error instead of a silently new field.
+"""
+
+import ml_collections
+
+PRESETS = ("paper", "demo", "smoke")
+
+
+def check_preset(arg: str | None) -> str:
+    """The preset named by the config-file argument (default demo); ValueError otherwise."""
+    preset = arg or "demo"
+    if preset not in PRESETS:
+        raise ValueError(f"config argument must be one of {PRESETS}, got {arg!r}")
+    return preset
+
+
+def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
+    """Fields shared by all stages, with paper values where the stages agree."""
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.preset = preset
+    c.seed = 0
+    # Call jax.distributed.initialize() first (multi-host; the environment must describe the
+    # cluster as JAX expects).
+    c.distributed = False
+
+    c.data = ml_collections.ConfigDict()
+    c.data.root = ""  # VerSe data root; empty: the built-in phantoms (generated once, cached)
+    c.data.phantom_cases = 0  # 0: phantoms.default_dataset()'s default number of cases
+    c.data.cache_dir = ""  # stage-volume cache; empty: ~/.cache/verse-jax/stages
+    c.data.fold = "all"  # 0|1|2 (three-fold cross-validation over the training cases) or all
+    c.data.num_landmarks = 25
+    c.data.spacing_mm = 2.0
+    c.data.crop_size = (96, 96, 128)
+    c.data.smoothing_mm = 0.75
+    c.data.augment = True
+    c.data.worker_count = 0  # Grain worker processes (0: in the training process)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "paper"  # network preset of verse_jax.models (paper|demo|tiny)
+    c.model.conv_impl = "auto"  # auto (Winograd on CPU) | lax | winograd
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adam"  # adam | sgd_nesterov
+    c.optim.lr = 1e-4
+    c.optim.momentum = 0.99  # sgd_nesterov only
+    c.optim.boundaries = (10_000, 15_000)  # TF piecewise_constant: switch when step > boundary
+    c.optim.scales = (0.5, 0.1)  # absolute factors of lr after each boundary
+    c.optim.clip_norm = 0.0  # clip_by_global_norm; 0: off
+    c.optim.weight_decay = 5e-4  # coupled L2 on conv kernels, added to the loss
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 1  # global batch, a multiple of the number of devices
+    c.train.num_steps = 20_000
+    c.train.log_every = 100
+    c.train.eval_every = 5_000
+    c.train.checkpoint_every = 5_000
+    c.train.max_to_keep = 2
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.max_cases = 0  # 0: every validation case
+    return c

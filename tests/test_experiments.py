@@ -1,0 +1,161 @@
+"""Training scripts and configs: smoke runs of each stage, resume, presets, command line."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax._src import compilation_cache as jax_compilation_cache  # reset_cache only
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from experiments import train_scn, train_seg, train_spine  # noqa: E402
+from experiments.configs import scn, seg, spine  # noqa: E402
+from verse_jax import bundle, phantoms  # noqa: E402
+
+SCRIPTS = {"spine": (train_spine, spine), "scn": (train_scn, scn), "seg": (train_seg, seg)}
+
+
+_CACHE_OPTIONS = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA cache for this module: the resumed and the straight run of the resume
+    test compile the same programs as the two-step run, so they load them instead."""
+    old = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+    new = (str(tmp_path_factory.mktemp("xla_cache")), 0.0, 0)
+    for name, value in zip(_CACHE_OPTIONS, new, strict=True):
+        jax.config.update(name, value)
+    jax_compilation_cache.reset_cache()  # the cache is set up once per process otherwise
+    yield
+    for name, value in old.items():
+        jax.config.update(name, value)
+    jax_compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory):
+    """A small phantom data set (train and val splits, coarse voxels), generated once."""
+    root = tmp_path_factory.mktemp("phantoms")
+    phantoms.write_phantom_dataset(root, num_cases=4, seed=0, max_voxels=1_000_000)
+    return root
+
+
+def _smoke_config(stage, root, **train):
+    config = SCRIPTS[stage][1].get_config("smoke")
+    config.data.root = str(root)
+    config.data.cache_dir = str(root / "stage_cache")
+    for key, value in train.items():
+        config.train[key] = value
+    return config
+
+
+def _records(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def scn_two_steps(phantom_root, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("scn2")
+    state = train_scn.train_and_evaluate(_smoke_config("scn", phantom_root), workdir)
+    return workdir, state
+
+
+def _check_run(workdir, state, stage):
+    assert int(state.step) == 2
+    assert (workdir / "checkpoints" / "2").is_dir()
+    assert json.loads((workdir / "config.json").read_text())["stage"] == stage
+    records = _records(workdir)
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in train)
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert len(evals) == 1 and evals[0]["step"] == 2
+    loaded = bundle.load_stage(workdir / "export")
+    assert loaded.extra["step"] == 2
+    return evals[0]
+
+
+def test_scn_smoke_run(scn_two_steps):
+    workdir, state = scn_two_steps
+    val = _check_run(workdir, state, "scn")
+    assert 0.0 <= val["val/id_rate"] <= 1.0
+    assert bundle.load_stage(workdir / "export").sigmas.shape == (25,)
+
+
+@pytest.mark.parametrize("stage", ["spine", "seg"])
+def test_spine_and_seg_smoke_runs(stage, phantom_root, tmp_path):
+    state = SCRIPTS[stage][0].train_and_evaluate(_smoke_config(stage, phantom_root), tmp_path)
+    val = _check_run(tmp_path, state, stage)
+    key = "val/spine_xy_mm" if stage == "spine" else "val/dice"
+    assert val[key] is None or val[key] >= 0
+
+
+def test_resume_reaches_the_same_parameters(scn_two_steps, phantom_root, tmp_path):
+    """Two steps, stop, restart with the same workdir to four == four steps in one go."""
+    first_half, _ = scn_two_steps
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(first_half, resumed_dir)
+    config = _smoke_config("scn", phantom_root, num_steps=4, eval_every=0)
+    resumed = train_scn.train_and_evaluate(config, resumed_dir)
+    straight = train_scn.train_and_evaluate(config, tmp_path / "straight")
+    assert int(resumed.step) == int(straight.step) == 4
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    steps = [r["step"] for r in _records(resumed_dir) if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("stage", ["spine", "scn", "seg"])
+def test_presets(stage):
+    module = SCRIPTS[stage][1]
+    paper, demo = module.get_config("paper"), module.get_config("demo")
+    assert module.get_config(None).to_dict() == demo.to_dict()
+    assert paper.train.batch_size == 1 and paper.model.preset == "paper"
+    expected = {
+        "spine": ("adam", 1e-4, (10_000, 15_000), 20_000, 8.0, (64, 64, 128)),
+        "scn": ("sgd_nesterov", 5e-8, (50_000, 75_000), 100_000, 2.0, (96, 96, 128)),
+        "seg": ("adam", 1e-4, (20_000, 40_000), 50_000, 1.0, (128, 128, 96)),
+    }[stage]
+    o, d = paper.optim, paper.data
+    got = (o.name, o.lr, tuple(o.boundaries), paper.train.num_steps, d.spacing_mm, d.crop_size)
+    assert got == expected and tuple(o.scales) == (0.5, 0.1)
+    assert o.clip_norm == (1.0 if stage == "seg" else 0.0)
+    with pytest.raises(ValueError, match="paper"):
+        module.get_config("papr")
+    with pytest.raises(AttributeError):
+        paper.optim.lr_typo = 1.0  # locked: misspelt overrides fail
+
+
+def test_batch_size_not_divisible_is_a_clear_error(phantom_root, tmp_path):
+    config = _smoke_config("spine", phantom_root, batch_size=0)
+    with pytest.raises(ValueError, match="multiple of the number of devices"):
+        train_spine.train_and_evaluate(config, tmp_path)
+
+
+@pytest.mark.slow
+def test_command_line(phantom_root, tmp_path):
+    args = [
+        sys.executable,
+        str(REPO / "experiments" / "train_spine.py"),
+        f"--config={REPO / 'experiments' / 'configs' / 'spine.py'}:smoke",
+        f"--config.data.root={phantom_root}",
+        f"--config.data.cache_dir={phantom_root / 'stage_cache'}",
+        "--config.train.num_steps=1",
+        f"--workdir={tmp_path}",
+    ]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "validation at step 1" in out.stderr
+    assert (tmp_path / "export" / "stage.json").is_file()
