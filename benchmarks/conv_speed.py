@@ -265,6 +265,20 @@ def main(argv=None):
             parser.error(f"unknown cases {unknown}; choose from {sorted(cases)}")
         cases = {name: cases[name] for name in wanted}
     rows, load_start = [], os.getloadavg()
+    stamp = datetime.datetime.now(datetime.UTC)
+    out = pathlib.Path(args.out) if args.out else pathlib.Path(__file__).parent / "results"
+    name = f"conv_speed-cpu-{stamp.date().isoformat()}{'-quick' if args.quick else ''}.json"
+    meta = dict(
+        benchmark="conv_speed",
+        date_utc=stamp.isoformat(timespec="seconds"),
+        command=" ".join(["benchmarks/conv_speed.py", *(argv or sys.argv[1:])]),
+        jax=jax.__version__,
+        torch=torch.__version__ if torch_ok else None,
+        backend=jax.default_backend(),
+        cpu_count=os.cpu_count(),
+        repeats=repeats,
+        scn_repeats=args.scn_repeats or repeats,
+    )
     for case, build in cases.items():
         for mode in args.modes.split(","):
             if args.quick and case.startswith("scn") and mode != "fwd":
@@ -278,27 +292,17 @@ def main(argv=None):
             print_rows(new)
             rows.extend(new)
             del contenders
-    stamp = datetime.datetime.now(datetime.UTC)
-    result = dict(
-        benchmark="conv_speed",
-        date_utc=stamp.isoformat(timespec="seconds"),
-        command=" ".join(["benchmarks/conv_speed.py", *(argv or sys.argv[1:])]),
-        jax=jax.__version__,
-        torch=torch.__version__ if torch_ok else None,
-        backend=jax.default_backend(),
-        cpu_count=os.cpu_count(),
-        load_average_start_end=[load_start, os.getloadavg()],
-        repeats=repeats,
-        scn_repeats=args.scn_repeats or repeats,
-        rows=rows,
-    )
-    out = pathlib.Path(args.out) if args.out else pathlib.Path(__file__).parent / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"conv_speed-cpu-{stamp.date().isoformat()}{'-quick' if args.quick else ''}.json"
-    tmp = out / (name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out / name)
+            # Written after every case, so that an interrupted run keeps what it measured.
+            loads = [load_start, os.getloadavg()]
+            _write_json(out, name, dict(meta, load_average_start_now=loads, rows=rows))
     print(f"wrote {out / name}")
+
+
+def _write_json(folder, name, result):
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(folder / name)
 
 
 if __name__ == "__main__":
