@@ -250,8 +250,7 @@ def measure(stage: str, preset: str, root: Path, cache_dir: Path, args) -> dict:
         "step_s_median": step_s,
         "steps_per_s": 1.0 / step_s,
         "samples_per_s": batch_size / step_s,
-        "step_gflop": None if flops is None else flops / 1e9,
-        "step_gflop_per_s": None if flops is None else flops / 1e9 / step_s,
+        "xla_cost_analysis_gflop": None if flops is None else flops / 1e9,
         "step_temp_gib": _temp_gib(t["compiled"]),
         "losses": t["losses"],
         "host": {
@@ -330,9 +329,14 @@ def header(args, phantom_s: float) -> dict:
         or {p: REPEATS[p] for p in (["smoke"] if args.quick else args.presets)},
         "notes": (
             "step_s: whole jitted train step (device augmentation + forward + backward + "
-            "optimizer), batch already on the device; compile_s apart; host: Grain draw of one "
-            "raw batch in the training process; data_share = host batch s / step s; aug share = "
-            "device transform alone / step s. Timings on a shared CPU swing by 25-50 %."
+            "optimizer), batch already on the device; compile_s apart. host.batch_s: Grain "
+            "iterator in the training process, batches drawn back to back after draining its "
+            "prefetch buffer; data_share = host.batch_s / step_s (device put not included, see "
+            "host.device_put_s_median); augment: the device transform alone, fraction of "
+            "step_s. xla_cost_analysis_gflop: XLA's count for the compiled step, not a "
+            "direct-convolution count (Winograd multiplies far less; loop bodies may be "
+            "counted once). Timings on this shared CPU swing by 25-50 %; machine.loadavg is "
+            "taken after each row."
         ),
         "complete": False,
         "results": [],
