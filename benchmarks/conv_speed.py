@@ -213,7 +213,8 @@ def summarise(case, mode, first, times, flops, check):
         median = statistics.median(ts)
         row = dict(case=case, mode=mode, contender=name, median_s=median, min_s=min(ts))
         row.update(first_call_s=first[name], gflops=flops / median / 1e9, times_s=ts)
-        row["ratio_vs_lax"] = paired_ratio(times, name, "lax")
+        if "lax" in times:
+            row["ratio_vs_lax"] = paired_ratio(times, name, "lax")
         if "torch" in times:
             row["ratio_vs_torch"] = paired_ratio(times, name, "torch")
         rows.append(row)
@@ -228,10 +229,11 @@ def print_rows(rows):
     print(header)
     for r in rows:
         vs_torch = f"{r['ratio_vs_torch']:7.2f}" if "ratio_vs_torch" in r else f"{'-':>7s}"
+        vs_lax = f"{r['ratio_vs_lax']:6.2f}" if "ratio_vs_lax" in r else f"{'-':>6s}"
         print(
             f"{r['case']:12s} {r['mode']:8s} {r['contender']:11s} {r['median_s']:9.3f} "
             f"{r['min_s']:8.3f} {r['gflops']:8.1f} {r['first_call_s']:9.2f} "
-            f"{r['ratio_vs_lax']:6.2f} {vs_torch}",
+            f"{vs_lax} {vs_torch}",
             flush=True,
         )
 
@@ -243,6 +245,8 @@ def main(argv=None):
     parser.add_argument("--scn-repeats", type=int, default=None, help="rounds for SCN cases")
     parser.add_argument("--cases", default=None, help="comma list of case names (default all)")
     parser.add_argument("--modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both")
+    parser.add_argument("--skip", default="", help="comma list of contenders to leave out")
+    parser.add_argument("--tag", default="", help="suffix of the result file name")
     parser.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -267,7 +271,8 @@ def main(argv=None):
     rows, load_start = [], os.getloadavg()
     stamp = datetime.datetime.now(datetime.UTC)
     out = pathlib.Path(args.out) if args.out else pathlib.Path(__file__).parent / "results"
-    name = f"conv_speed-cpu-{stamp.date().isoformat()}{'-quick' if args.quick else ''}.json"
+    suffix = ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
+    name = f"conv_speed-cpu-{stamp.date().isoformat()}{suffix}.json"
     meta = dict(
         benchmark="conv_speed",
         date_utc=stamp.isoformat(timespec="seconds"),
@@ -284,8 +289,8 @@ def main(argv=None):
             if args.quick and case.startswith("scn") and mode != "fwd":
                 continue  # the Winograd SCN's backward compiles for ~20 s
             contenders, flops, check = build(mode == "fwd+bwd")
-            if args.quick:
-                contenders.pop("torch_cl3d", None)
+            for skipped in args.skip.split(",") + (["torch_cl3d"] if args.quick else []):
+                contenders.pop(skipped, None)
             rounds = args.scn_repeats if case.startswith("scn") and args.scn_repeats else repeats
             first, times = measure(contenders, rounds)
             new = summarise(case, mode, first, times, flops, check)
