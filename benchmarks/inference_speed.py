@@ -173,7 +173,9 @@ def scn_section(args, rows, result):
             )
     ours_max = np.asarray(ours(batch_sizes[0]))
     loop_max = loop_windows(apply_one, column, args.window_z, args.overlap)
-    result["scn"]["max_abs_diff_ours_vs_loop"] = float(np.abs(ours_max - loop_max).max())
+    result["scn"]["rel_diff_ours_vs_loop"] = float(
+        np.abs(ours_max - loop_max).max() / (np.abs(loop_max).max() or 1.0)
+    )
     if torch_out is not None:
         ours_mean = np.asarray(ours(batch_sizes[0], merge="mean"))
         scale = float(np.abs(ours_mean).max()) or 1.0

@@ -1,0 +1,39 @@
+"""benchmarks/inference_speed.py: --quick runs every contender and the windowed results agree."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load_script():
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(
+        "inference_speed", BENCHMARKS / "inference_speed.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_times_ours_and_the_loop_with_identical_outputs(tmp_path):
+    out = tmp_path / "inference-quick.json"
+    _load_script().main(["--quick", "--no-torch", "--skip", "seg,predict", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["scn"]["windows"] == 5
+    # The jitted sliding window and the per-window Python loop compute the same max merge (up to
+    # float rounding: batched and single-window programs are compiled separately and the CPU
+    # Winograd F(4,3) path is accurate to 1e-4 of the largest output).
+    assert result["scn"]["rel_diff_ours_vs_loop"] < 1e-4
+    rows = {(row["section"], row["contender"]): row for row in result["rows"]}
+    assert ("scn column", "loop (original)") in rows
+    for key, row in rows.items():
+        assert math.isfinite(row["seconds"]) and row["seconds"] > 0, key
+    for bs in (1, 2):
+        row = rows[("scn column", f"ours bs={bs}")]
+        assert math.isfinite(row["ratio_vs_loop"]) and row["flop_fraction_of_peak"] > 0
+    whole = rows[("whole column", "whole column z=48")]
+    assert whole["flops"] < whole["flops_windows"]
