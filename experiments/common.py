@@ -317,7 +317,10 @@ def _init_or_restore(config, workdir, stage, model, optimizer, mesh, iterator):
 def setup_logging() -> None:
     """INFO log lines with time stamps; quiet third-party INFO chatter (orbax, absl)."""
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
+        level=logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,  # replace absl's handler: one line per message
     )
     logging.getLogger().setLevel(logging.INFO)
     for name in ("absl", "orbax", "jax"):

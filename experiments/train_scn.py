@@ -59,6 +59,7 @@ def train_and_evaluate(config, workdir) -> training.TrainState:
             "num_landmarks": config.data.num_landmarks,
             "preset": config.model.preset,
             "conv_impl": config.model.conv_impl,
+            "head_init_std": config.model.head_init_std,
         },
         make_loss=lambda apply: training.make_scn_loss(
             apply, weight_decay=o.weight_decay, sigma_weight=o.sigma_weight, scale=o.heatmap_scale

@@ -91,7 +91,7 @@ def test_scn_smoke_run(scn_two_steps):
     workdir, state = scn_two_steps
     val = _check_run(workdir, state, "scn")
     assert 0.0 <= val["val/id_rate"] <= 1.0
-    assert bundle.load_stage(workdir / "export").sigmas.shape == (25,)
+    assert bundle.load_stage(workdir / "export").sigmas.shape == (26,)
 
 
 @pytest.mark.parametrize("stage", ["spine", "seg"])

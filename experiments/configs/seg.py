@@ -21,7 +21,6 @@ def get_config(arg=None):
     c = base_config("seg", preset)
     c.optim.weight_decay = 1e-6
     c.optim.clip_norm = 1.0
-    c.eval.max_vertebrae = 0  # per validation case; 0: all
     if preset == "paper":
         c.data.spacing_mm, c.data.crop_size, c.data.smoothing_mm = 1.0, (128, 128, 96), 0.75
         c.model.preset = "paper"
@@ -32,10 +31,9 @@ def get_config(arg=None):
         c.data.spacing_mm, c.data.crop_size, c.data.smoothing_mm = 3.0, (32, 32, 32), 1.0
         c.model.preset = "demo"
         c.optim.name, c.optim.lr = "adam", 1e-3
-        c.optim.boundaries, c.optim.scales = (1_500, 2_500), (0.5, 0.1)
-        c.train.num_steps, c.train.log_every = 3_000, 25
-        c.train.eval_every, c.train.checkpoint_every = 250, 250
-        c.eval.max_vertebrae = 8
+        c.optim.boundaries, c.optim.scales = (500, 700), (0.5, 0.1)
+        c.train.num_steps, c.train.log_every = 800, 10
+        c.train.eval_every, c.train.checkpoint_every = 100, 100
     else:  # smoke
         c.data.phantom_cases = 4
         c.data.spacing_mm, c.data.crop_size, c.data.smoothing_mm = 6.0, (16, 16, 16), 2.0
@@ -44,6 +42,6 @@ def get_config(arg=None):
         c.optim.boundaries, c.optim.scales = (1,), (0.5,)
         c.train.num_steps, c.train.log_every = 2, 1
         c.train.eval_every, c.train.checkpoint_every = 2, 2
-        c.eval.max_cases, c.eval.max_vertebrae = 1, 2
+        c.eval.max_cases = 1
     c.lock()
     return c

@@ -31,9 +31,9 @@ def get_config(arg=None):
         c.data.crop_size = (32, 32, 64)
         c.model.preset = "demo"
         c.optim.name, c.optim.lr = "adam", 1e-3
-        c.optim.boundaries, c.optim.scales = (1_000, 1_500), (0.5, 0.1)
-        c.train.num_steps, c.train.log_every = 2_000, 25
-        c.train.eval_every, c.train.checkpoint_every = 250, 250
+        c.optim.boundaries, c.optim.scales = (400, 500), (0.5, 0.1)
+        c.train.num_steps, c.train.log_every = 600, 10
+        c.train.eval_every, c.train.checkpoint_every = 100, 100
     else:  # smoke
         c.data.phantom_cases = 4
         c.data.spacing_mm, c.data.crop_size = 16.0, (16, 16, 16)
