@@ -59,6 +59,12 @@ def parse_args(argv=None):
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch/MONAI contender")
     p.add_argument("--skip", default="", help="comma list of sections: seg,column,predict")
     p.add_argument("--quick", action="store_true", help="tiny networks and sizes, one repeat")
+    p.add_argument(
+        "--scn-export",
+        default=None,
+        help="trained SCN stage export: compare landmarks of windows vs whole column on phantoms",
+    )
+    p.add_argument("--only-landmarks", action="store_true", help="run only the --scn-export part")
     p.add_argument("--out", default=None, help="result JSON path")
     args = p.parse_args(argv)
     if args.quick:
@@ -321,6 +327,45 @@ def predict_section(args, rows):
     )
 
 
+def landmark_section(args, result):
+    """Landmarks of windows vs whole column with a trained SCN export, on held-out phantoms."""
+    from verse_jax import io
+
+    stage = bundle_lib.load_stage(args.scn_export)
+    root = phantoms.default_dataset()
+    split = io.read_splits(root)
+    cases = {c.case_id: c for c in io.find_cases(root)}
+    shifts, times = [], {"windows": 0.0, "whole": 0.0}
+    for case_id in split["val"] + split["test"]:
+        case = cases[case_id]
+        image = io.read_volume(case.image_path)
+        gt = io.read_centroids(case.centroids_path, image.geometry)
+        volume = pipeline.stage_volumes(image, {"scn": stage.grid})["scn"]
+        spine_mm = gt.points_mm.mean(axis=0)
+        out = {}
+        for name in ("windows", "whole"):
+            tic = time.perf_counter()
+            out[name] = pipeline.predict_landmarks(
+                volume, spine_mm, stage, whole_column=name == "whole"
+            )
+            times[name] += time.perf_counter() - tic
+        both = out["windows"][1] & out["whole"][1]
+        d = np.linalg.norm(out["windows"][0][both] - out["whole"][0][both], axis=-1)
+        differ = int(np.sum(out["windows"][1] != out["whole"][1]))
+        shifts.append(
+            {"case": case_id, "max_shift_mm": float(d.max(initial=0.0)), "differ": differ}
+        )
+    worst = max(s["max_shift_mm"] for s in shifts)
+    result["whole_column_landmarks"] = {
+        "export": str(args.scn_export),
+        "cases": shifts,
+        "max_shift_mm": worst,
+        "cases_with_different_labels": sum(s["differ"] > 0 for s in shifts),
+        "seconds_incl_compile": times,
+        "within_1mm": worst <= 1.0 and all(s["differ"] == 0 for s in shifts),
+    }
+
+
 def print_table(rows):
     keys = ["seconds", "compile_s", "windows_per_s", "flop_fraction_of_peak"]
     keys += ["ratio_vs_loop", "ratio_vs_torch", "ratio_vs_one_at_a_time"]
@@ -348,8 +393,14 @@ def main(argv=None):
     }
     rows = []
     skip = set(filter(None, args.skip.split(",")))
-    net, params, column, apply_one = scn_section(args, rows, result)
-    if "column" not in skip:
+    if args.scn_export:
+        landmark_section(args, result)
+        print(json.dumps(result["whole_column_landmarks"], indent=1))
+    if args.only_landmarks:
+        skip |= {"scn", "column", "seg", "predict"}
+    if "scn" not in skip:
+        net, params, column, apply_one = scn_section(args, rows, result)
+    if not skip & {"column", "scn"}:
         column_section(args, rows, result, net, params, column, apply_one)
     if "seg" not in skip:
         seg_section(args, rows)

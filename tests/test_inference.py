@@ -9,6 +9,7 @@ from verse_jax.inference import (
     num_windows,
     sliding_window,
     sliding_window_cache_size,
+    whole_column,
     window_bucket_length,
 )
 
@@ -204,3 +205,19 @@ def test_bad_column_and_bad_apply_fn_raise():
         sliding_window(plus_one, np.zeros((2, 2, 10)), window_z=4, overlap_z=2)
     with pytest.raises(ValueError, match="apply_fn"):
         sliding_window(lambda w: w[:, :, :, :2], integer_column(10), window_z=4, overlap_z=2)
+
+
+def test_whole_column_runs_once_pads_and_crops_back():
+    calls = []
+
+    def apply_fn(x):
+        calls.append(x.shape)
+        return x[..., :1] + 1.0
+
+    column = jnp.arange(2 * 3 * 10, dtype=jnp.float32).reshape(2, 3, 10, 1)
+    out = whole_column(apply_fn, column, multiple=8)
+    assert calls == [(1, 2, 3, 16, 1)]
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(column) + 1.0)
+    # Negative responses are clipped at 0, as the max merge of the sliding window does.
+    out = whole_column(lambda x: x - 100.0, column, multiple=8)
+    np.testing.assert_array_equal(np.asarray(out), np.maximum(np.asarray(column) - 100.0, 0.0))

@@ -146,6 +146,7 @@ def predict_landmarks(
     *,
     overlap_z: int | None = None,
     batch_size: int = 1,
+    whole_column: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stage 2: vertebra centroids from the column around the spine.
 
@@ -156,6 +157,10 @@ def predict_landmarks(
         overlap_z: window overlap in slices; None: 3/4 of the window (96 of 128 slices as the
             reference's validation; its docker used 64).
         batch_size: windows per network call.
+        whole_column: run the network once over the whole column instead of windows
+            (`inference.whole_column`), for `benchmarks/inference_speed.py` only: with the demo
+            SCN the landmarks moved up to 27 mm on held-out phantoms, so `predict_case` and the
+            command line do not offer it.
 
     Returns:
         points_mm (K, 3) LPS mm (zeros where invalid), valid (K,) bool.
@@ -164,14 +169,19 @@ def predict_landmarks(
     center = np.rint(volume.geometry.physical_to_index(np.asarray(spine_mm))).astype(np.int64)
     start = (center[0] - (crop_x - 1) // 2, center[1] - (crop_y - 1) // 2, 0)
     column = cut_box(volume, start, (crop_x, crop_y, volume.geometry.size[2]))
-    merged = inference.sliding_window(
-        stage.apply_partial("heatmaps"),
-        jnp.asarray(column.array)[..., None],
-        window_z=window_z,
-        overlap_z=window_z * 3 // 4 if overlap_z is None else int(overlap_z),
-        batch_size=batch_size,
-        pad_value=-1.0,
-    )
+    if whole_column:
+        merged = inference.whole_column(
+            stage.apply_fn("heatmaps"), jnp.asarray(column.array)[..., None], multiple=window_z
+        )
+    else:
+        merged = inference.sliding_window(
+            stage.apply_partial("heatmaps"),
+            jnp.asarray(column.array)[..., None],
+            window_z=window_z,
+            overlap_z=window_z * 3 // 4 if overlap_z is None else int(overlap_z),
+            batch_size=batch_size,
+            pad_value=-1.0,
+        )
     candidates = postprocessing.landmark_candidates(
         merged,
         column.geometry,
