@@ -140,17 +140,9 @@ def write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
 
 
 def local_batches(iterator, mesh: jax.sharding.Mesh):
-    """Global raw batches from Grain -> this process's rows, as arrays sharded on `data`."""
-    count, index = jax.process_count(), jax.process_index()
+    """This process's raw batches from Grain (its shard) -> global arrays sharded on `data`."""
     for batch in iterator:
-        if count > 1:
-            batch = jax.tree.map(lambda x: _rows(x, index, count), batch)
         yield training.shard_batch(batch, mesh)
-
-
-def _rows(x, index: int, count: int):
-    n = x.shape[0] // count
-    return x[index * n : (index + 1) * n]
 
 
 def replicated(tree, ctx: Context):
@@ -232,7 +224,7 @@ def run(config: ml_collections.ConfigDict, workdir, stage: Stage) -> training.Tr
     root, train_ids, val_ids, cache_dir = resolve_data(config.data)
     spec = stage_spec(config)
     mesh = training.make_mesh()
-    training.check_batch_size(config.train.batch_size, mesh)
+    local_batch_size = training.check_batch_size(config.train.batch_size, mesh)
     log.info(
         "stage %s (%s): %d training, %d validation cases from %s; %d device(s)",
         config.stage,
@@ -249,9 +241,11 @@ def run(config: ml_collections.ConfigDict, workdir, stage: Stage) -> training.Tr
         train_ids,
         spec,
         cache_dir=cache_dir,
-        batch_size=config.train.batch_size,
+        batch_size=local_batch_size,
         seed=config.seed,
         num_workers=config.data.worker_count,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
     )
     iterator = iter(dataset)
     state, ckpt = _init_or_restore(config, workdir, stage, model, optimizer, mesh, iterator)

@@ -178,6 +178,25 @@ def test_worker_count_does_not_change_batches(dataset_root, cache_dir):
     _assert_batches_equal(one, none)
 
 
+def test_process_shards_interleave_to_the_single_process_sequence(dataset_root, cache_dir):
+    single = _take(_train(dataset_root, cache_dir, "spine", seed=6, batch=1), 6)
+    shards = []
+    for index in range(2):
+        dataset = data.make_train_dataset(
+            dataset_root,
+            ["case0", "case1", "case2"],
+            SPECS["spine"],
+            cache_dir=cache_dir,
+            batch_size=1,
+            seed=6,
+            shard_index=index,
+            shard_count=2,
+        )
+        shards.append(_take(dataset, 3))
+    # Process p holds items p, p + 2, ... of the global sequence, with the same augmentation draws.
+    _assert_batches_equal([shards[i % 2][i // 2] for i in range(6)], single)
+
+
 def test_restored_state_continues_the_sequence(dataset_root, cache_dir):
     dataset = _train(dataset_root, cache_dir, "spine", seed=5)
     iterator = iter(dataset)

@@ -134,6 +134,8 @@ def make_train_dataset(
     seed: int,
     num_workers: int = 0,
     num_epochs: int | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
 ) -> grain.IterDataset:
     """Shuffled, repeated, augmented raw batches of a stage (caches the cases first).
 
@@ -146,6 +148,10 @@ def make_train_dataset(
         seed: shuffling and augmentation seed (0 <= seed < 2**32).
         num_workers: worker processes (0: in this process); the batches do not depend on it.
         num_epochs: None repeats forever.
+        shard_index, shard_count: this process's share of the sample sequence (multi-host:
+            `jax.process_index()`, `jax.process_count()`): items shard_index, shard_index +
+            shard_count, ... of the global sequence, each with the same augmentation draw as in a
+            single-process run; `batch_size` is then the per-process batch.
 
     Returns:
         IterDataset of raw batches (``samples`` module docstring); ``iter()`` gives an iterator
@@ -155,8 +161,11 @@ def make_train_dataset(
     size = samples.box_size(spec, prepared.volume_sizes, train=True)
     items = [(c, v, True) for c, v in prepared.items]
     maker = _MakeSample(prepared.paths, spec, size, seed=seed, epoch_length=len(items), train=True)
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
     dataset = grain.MapDataset.source(items).shuffle(seed=seed).repeat(num_epochs)
-    return _finish(dataset.map_with_index(maker), batch_size, num_workers)
+    dataset = dataset.map_with_index(maker)[shard_index::shard_count]
+    return _finish(dataset, batch_size, num_workers)
 
 
 def make_eval_dataset(
