@@ -10,9 +10,7 @@ import io as text_io
 import json
 import logging
 import math
-import os
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -27,16 +25,6 @@ _MASK_SUFFIXES = ("_seg", "_msk", "_mask")
 
 def _write(text: str) -> None:
     sys.stdout.write(text + "\n")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _strip_suffix(name: str) -> str | None:
@@ -248,9 +236,9 @@ def cmd_evaluate(args) -> int:
     writer = csv.DictWriter(buffer, fieldnames=_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows([*rows, total])
-    _write_text_atomic(out_dir / "evaluation.csv", buffer.getvalue())
+    io.write_text_atomic(out_dir / "evaluation.csv", buffer.getvalue())
     report = {"overall": overall.to_dict(), "cases": [case.to_dict() for case in cases]}
-    _write_text_atomic(out_dir / "evaluation.json", json.dumps(_json_safe(report), indent=2))
+    io.write_text_atomic(out_dir / "evaluation.json", json.dumps(_json_safe(report), indent=2))
     _write(f"wrote {out_dir / 'evaluation.csv'} and {out_dir / 'evaluation.json'}")
     return 0
 

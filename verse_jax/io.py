@@ -368,7 +368,8 @@ def read_centroids(json_path, geometry: Geometry) -> Centroids:
     return Centroids(labels, points_mm.reshape(-1, 3))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes `text` to `path` through a temporary file in the same folder and a rename."""
     if not path.parent.is_dir():
         raise VerseFormatError(f"{path}: folder {path.parent} does not exist")
     temporary = _temporary_path(path)
@@ -391,7 +392,7 @@ def write_centroids(json_path, centroids: Centroids, geometry: Geometry) -> None
     entries: list[dict] = [{"direction": list(axis_codes(geometry.direction))}]
     for label, (x, y, z) in zip(centroids.labels.tolist(), points_vox.tolist(), strict=True):
         entries.append({"label": int(label), "X": x, "Y": y, "Z": z})
-    _atomic_write_text(path, json.dumps(entries) + "\n")
+    write_text_atomic(path, json.dumps(entries) + "\n")
 
 
 def centroids_to_landmarks(

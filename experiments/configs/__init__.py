@@ -65,3 +65,14 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.max_cases = 0  # 0: every validation case
     return c
+
+
+def apply_smoke(c: ml_collections.ConfigDict) -> None:
+    """The tiny two-step run shared by every stage's `smoke` preset; grids stay per stage."""
+    c.data.phantom_cases = 4
+    c.model.preset, c.model.conv_impl = "tiny", "lax"
+    c.optim.name, c.optim.lr = "adam", 1e-3
+    c.optim.boundaries, c.optim.scales = (1,), (0.5,)
+    c.train.num_steps, c.train.log_every = 2, 1
+    c.train.eval_every, c.train.checkpoint_every = 2, 2
+    c.eval.max_cases = 1

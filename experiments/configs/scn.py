@@ -19,7 +19,7 @@ paper: REFERENCE §5 (submitted model): 2 mm, 96 x 96 x 128 windows, SGD Nestero
 smoke: a tiny network for tests, two steps in seconds.
 """
 
-from experiments.configs import base_config, check_preset
+from experiments.configs import apply_smoke, base_config, check_preset
 
 
 def get_config(arg=None):
@@ -52,13 +52,8 @@ def get_config(arg=None):
         c.train.eval_every, c.train.checkpoint_every = 200, 200
         c.eval.overlap_z = 32
     else:  # smoke
-        c.data.phantom_cases = 4
+        apply_smoke(c)
         c.data.spacing_mm, c.data.crop_size, c.data.smoothing_mm = 8.0, (16, 16, 16), 3.0
-        c.model.preset, c.model.conv_impl = "tiny", "lax"
-        c.optim.name, c.optim.lr = "adam", 1e-3
-        c.optim.boundaries, c.optim.scales = (1,), (0.5,)
-        c.train.num_steps, c.train.log_every = 2, 1
-        c.train.eval_every, c.train.checkpoint_every = 2, 2
-        c.eval.overlap_z, c.eval.max_cases = 8, 1
+        c.eval.overlap_z = 8
     c.lock()
     return c

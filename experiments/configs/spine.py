@@ -14,7 +14,7 @@ paper: REFERENCE §4: 8 mm, 64 x 64 x 128, Adam 1e-4 (x0.5 after 10k, x0.1 after
 smoke: a tiny network for tests, two steps in seconds.
 """
 
-from experiments.configs import base_config, check_preset
+from experiments.configs import apply_smoke, base_config, check_preset
 
 
 def get_config(arg=None):
@@ -36,13 +36,7 @@ def get_config(arg=None):
         c.train.num_steps, c.train.log_every = 600, 10
         c.train.eval_every, c.train.checkpoint_every = 100, 100
     else:  # smoke
-        c.data.phantom_cases = 4
+        apply_smoke(c)
         c.data.spacing_mm, c.data.crop_size = 16.0, (16, 16, 16)
-        c.model.preset, c.model.conv_impl = "tiny", "lax"
-        c.optim.name, c.optim.lr = "adam", 1e-3
-        c.optim.boundaries, c.optim.scales = (1,), (0.5,)
-        c.train.num_steps, c.train.log_every = 2, 1
-        c.train.eval_every, c.train.checkpoint_every = 2, 2
-        c.eval.max_cases = 1
     c.lock()
     return c
