@@ -70,7 +70,9 @@ def test_evaluate_ground_truth_against_itself(dataset, tmp_path):
     missing = io.find_cases(dataset)[1].case_id  # no prediction: every vertebra missed
     (pred / f"{missing}_seg.nii.gz").unlink()
     (pred / f"{missing}_ctd.json").unlink()
-    assert main(["evaluate", "--pred", str(pred), "--gt", str(dataset), "-o", str(tmp_path)]) == 0
+    args = ["evaluate", "--pred", str(pred), "--gt", str(dataset), "-o", str(tmp_path)]
+    assert main(args) == 2  # the first run's evaluation files exist
+    assert main([*args, "--overwrite"]) == 0
     cases = json.loads((tmp_path / "evaluation.json").read_text())["cases"]
     assert cases[1]["localization"]["id_rate"] == 0.0 and cases[1]["segmentation"]["mean_dice"] == 0
     assert cases[0]["localization"]["id_rate"] == 1.0

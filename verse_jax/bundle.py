@@ -331,7 +331,10 @@ def load_stage(path) -> StageModel:
         raise BundleError(f"{meta_path}: stage {stage!r} is not one of {STAGES}")
     grid_dict = _grid_dict(meta.get("grid"), str(meta_path))
     grid = StageGrid(**{**grid_dict, "crop_size": tuple(grid_dict["crop_size"])})
-    model = build_model(factory, kwargs)
+    try:
+        model = build_model(factory, kwargs)
+    except BundleError as err:
+        raise BundleError(f"{meta_path}: network: {err}") from err
     params_path = path / "params.msgpack"
     if not params_path.is_file():
         raise BundleError(f"{params_path}: missing (stage parameters)")
@@ -345,9 +348,7 @@ def load_stage(path) -> StageModel:
         sigmas_path = path / "sigmas.npy"
         if not sigmas_path.is_file():
             raise BundleError(f"{sigmas_path}: missing (SCN sigmas)")
-        sigmas = np.load(sigmas_path)
-        if sigmas.shape != (num_landmarks,):
-            raise BundleError(f"{sigmas_path}: shape {sigmas.shape}, expected ({num_landmarks},)")
+        sigmas = _load_sigmas(sigmas_path, num_landmarks)
     return StageModel(
         stage=stage,
         model=model,
@@ -361,6 +362,21 @@ def load_stage(path) -> StageModel:
         extra=dict(meta.get("extra") or {}),
         path=path,
     )
+
+
+def _load_sigmas(path: Path, num_landmarks: int) -> np.ndarray:
+    """SCN sigmas ``(K,)``: a plain numeric ``.npy`` array of positive finite values."""
+    try:
+        sigmas = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:  # not an .npy file, truncated, pickled data
+        raise BundleError(f"{path}: not a readable .npy array ({err})") from err
+    if sigmas.dtype.kind not in "iuf":
+        raise BundleError(f"{path}: sigmas must be real numbers, got dtype {sigmas.dtype}")
+    if sigmas.shape != (num_landmarks,):
+        raise BundleError(f"{path}: shape {sigmas.shape}, expected ({num_landmarks},)")
+    if not np.all(np.isfinite(sigmas) & (sigmas > 0)):
+        raise BundleError(f"{path}: sigmas must be positive and finite, got {sigmas.tolist()}")
+    return sigmas
 
 
 def make_bundle(out_dir, *, spine, scn, seg) -> Path:

@@ -1,7 +1,8 @@
 """Command line: ``verse-jax phantoms / bundle / predict / evaluate / preview``.
 
 Run ``verse-jax <command> -h`` for the options. Exit codes: 0 success, 1 some cases failed,
-2 bad arguments or inputs (missing path, unusable model bundle).
+2 bad arguments or inputs (missing path, unusable model bundle, unwritable or existing outputs),
+found before any case runs.
 """
 
 import argparse
@@ -10,7 +11,9 @@ import io as text_io
 import json
 import logging
 import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +22,7 @@ from verse_jax import io, metrics
 
 logger = logging.getLogger("verse_jax.cli")
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+IMAGE_SUFFIXES = io.IMAGE_SUFFIXES
 _MASK_SUFFIXES = ("_seg", "_msk", "_mask")
 
 
@@ -62,16 +65,13 @@ def find_inputs(path: Path) -> list[tuple[str, Path]]:
         raise ValueError(f"{path}: no such file or folder")
     if path.is_file():
         return [(case_id_from_path(path), path)]
-    cases = io.find_cases(path)
-    if cases:
-        return [(case.case_id, case.image_path) for case in cases]
-    found = []
-    for item in sorted(path.iterdir()):
-        stem = _strip_suffix(item.name)
-        if item.is_file() and stem is not None and not stem.endswith(_MASK_SUFFIXES):
-            found.append((case_id_from_path(item), item))
-    folders = [path, *sorted(p for p in path.rglob("*") if p.is_dir())]
-    found += [(case_id_from_path(f), f) for f in folders if _is_dicom_folder(f)]
+    if (path / "rawdata").is_dir():  # BIDS data set: its CTs, by their structure
+        cases = io.find_cases(path)
+        if cases:
+            return [(case.case_id, case.image_path) for case in cases]
+    found, skipped = _plain_folder_inputs(path)
+    if skipped:
+        logger.warning("%s: skipped (not CT inputs): %s", path, _names(skipped))
     if not found:
         raise ValueError(f"{path}: no CT files ({', '.join(IMAGE_SUFFIXES)}) or DICOM series")
     ids = [case_id for case_id, _ in found]
@@ -79,6 +79,86 @@ def find_inputs(path: Path) -> list[tuple[str, Path]]:
     if duplicates:
         raise ValueError(f"{path}: several inputs share the case ids {duplicates}")
     return found
+
+
+def _plain_folder_inputs(path: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """Every CT file of a folder and every DICOM series below it; names of what is skipped
+    (masks, other files, folders without a series); hidden entries are ignored."""
+    folders = [path, *sorted(p for p in path.rglob("*") if p.is_dir())]
+    dicom = [f for f in folders if not f.name.startswith(".") and _is_dicom_folder(f)]
+    found, skipped = [], []
+    for item in sorted(path.iterdir()):
+        stem = _strip_suffix(item.name)
+        if item.name.startswith("."):
+            continue
+        if item.is_dir():
+            if not any(d == item or item in d.parents for d in dicom):
+                skipped.append(item.name + "/")
+        elif stem is not None and not stem.endswith(_MASK_SUFFIXES):
+            found.append((case_id_from_path(item), item))
+        elif not (path in dicom and item.suffix.lower() in (".dcm", ".ima", "")):
+            skipped.append(item.name)
+    found += [(case_id_from_path(f), f) for f in dicom]
+    return found, skipped
+
+
+def _names(names: list[str], limit: int = 20) -> str:
+    more = f", and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _check_output_folder(path: Path) -> None:
+    """ValueError unless ``path`` is, or can be made, a folder this process can write into.
+
+    Creates nothing that stays: writability is probed by creating and deleting a file in the
+    folder (or in its nearest existing ancestor), which also holds for root and read-only mounts.
+    """
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: exists and is not a folder")
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{path}: cannot create this folder ({existing} is a file)")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".verse-jax-write-test-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ValueError(f"{path}: cannot write into {existing} ({reason.lower()})") from error
+
+
+def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more outputs)" if len(existing) > 1 else ""
+        raise ValueError(f"{existing[0]}: exists{more}; pass --overwrite to replace")
+
+
+def _prepare_output_folder(path: Path) -> None:
+    """Create the (checked) output folder; remove temporary files of killed runs in it."""
+    path.mkdir(parents=True, exist_ok=True)
+    removed = io.remove_stale_temporaries(path)
+    if removed:
+        logger.info("%s: removed %d temporary files of an interrupted run", path, len(removed))
+
+
+def _case_outputs(case_id: str, args) -> list[str]:
+    """File names ``predict`` writes for one case."""
+    names = [f"{case_id}_seg.nii.gz", f"{case_id}_ctd.json"]
+    return names + ([f"{case_id}_preview.png"] if args.preview else [])
+
+
+def _check_overlap(overlap: int | None, window_z: int | None = None) -> None:
+    if overlap is None:
+        return
+    if overlap < 0 or (window_z is not None and overlap >= window_z):
+        upper = f"{window_z - 1}" if window_z is not None else "window - 1"
+        raise ValueError(
+            f"--overlap {overlap}: must lie in 0..{upper} (slices of the SCN window"
+            + (f" of {window_z})" if window_z is not None else ")")
+        )
 
 
 def _predict_one(case_id, ct_path, out_dir, model, args) -> None:
@@ -102,10 +182,15 @@ def cmd_predict(args) -> int:
 
     from verse_jax import bundle
 
-    model = bundle.load_bundle(args.model)
-    inputs = find_inputs(Path(args.input))
+    _check_overlap(args.overlap)
     out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_output_folder(out_dir)
+    model = bundle.load_bundle(args.model)
+    _check_overlap(args.overlap, model.scn.grid.crop_size[2])
+    inputs = find_inputs(Path(args.input))
+    outputs = [out_dir / name for case_id, _ in inputs for name in _case_outputs(case_id, args)]
+    _refuse_existing(outputs, args.overwrite)
+    _prepare_output_folder(out_dir)
     failures = []
     for case_id, ct_path in tqdm(inputs, desc="cases", unit="case", disable=args.quiet):
         try:
@@ -120,60 +205,8 @@ def cmd_predict(args) -> int:
     return 1 if failures else 0
 
 
-def _prediction_cases(folder: Path) -> dict[str, tuple[Path | None, Path | None]]:
-    """case id -> (``<id>_seg.nii.gz``, ``<id>_ctd.json``) of a prediction folder."""
-    cases: dict[str, list] = {}
-    for path in sorted(folder.glob("*_seg.nii.gz")):
-        cases.setdefault(path.name[: -len("_seg.nii.gz")], [None, None])[0] = path
-    for path in sorted(folder.glob("*_ctd.json")):
-        cases.setdefault(path.name[: -len("_ctd.json")], [None, None])[1] = path
-    return {k: (v[0], v[1]) for k, v in cases.items()}
-
-
-def _ground_truth_cases(folder: Path) -> dict[str, tuple[Path | None, Path | None]]:
-    cases = io.find_cases(folder)
-    if cases:
-        return {c.case_id: (c.mask_path, c.centroids_path) for c in cases}
-    return _prediction_cases(folder)
-
-
-def _same_grid(a, b, path) -> bool:
-    try:
-        io.check_same_grid(b, a, path)
-    except ValueError:
-        logger.info("%s: not on the ground truth's grid; resampled (nearest)", path)
-        return False
-    return True
-
-
-def _evaluate_case(case_id, pred_paths, gt_paths) -> metrics.CaseMetrics:
-    from verse_jax import preprocessing
-    from verse_jax.geometry import Volume
-
-    gt_mask = io.read_mask(gt_paths[0]) if gt_paths[0] else None
-    pred_mask = io.read_mask(pred_paths[0]) if pred_paths and pred_paths[0] else None
-    localization = segmentation = None
-    if gt_mask is not None:
-        if pred_mask is None:  # no prediction: every vertebra is missed
-            pred_mask = Volume(np.zeros(gt_mask.geometry.size, np.uint16), gt_mask.geometry)
-        elif not _same_grid(pred_mask.geometry, gt_mask.geometry, pred_paths[0]):
-            pred_mask = preprocessing.resample(pred_mask, gt_mask.geometry, interpolation="nearest")
-        segmentation = metrics.segmentation_metrics(
-            pred_mask.array, gt_mask.array, gt_mask.geometry.spacing_mm
-        )
-    if gt_paths[1]:
-        if gt_mask is None:
-            raise ValueError(f"{gt_paths[1]}: centroids need the ground-truth mask for their grid")
-        gt_ctd = io.read_centroids(gt_paths[1], gt_mask.geometry)
-        pred_ctd = io.Centroids(np.zeros(0, np.int64), np.zeros((0, 3)))
-        if pred_paths and pred_paths[1]:
-            grid = pred_mask.geometry if pred_paths[0] else gt_mask.geometry
-            pred_ctd = io.read_centroids(pred_paths[1], grid)
-        localization = metrics.localization_metrics(pred_ctd, gt_ctd)
-    return metrics.CaseMetrics(case_id, localization, segmentation)
-
-
 _COLUMNS = ("case", "num_gt", "num_pred", "id_rate", "mean_distance_mm", "dice", "hausdorff_mm")
+_FAILED = {c: "" for c in _COLUMNS[1:]} | {"num_gt": "FAILED"}
 
 
 def _row(case: metrics.CaseMetrics) -> dict:
@@ -211,36 +244,40 @@ def _json_safe(value):
 
 
 def cmd_evaluate(args) -> int:
+    from verse_jax import evaluation
+
     pred_dir, gt_dir = Path(args.pred), Path(args.gt)
     for folder in (pred_dir, gt_dir):
         if not folder.is_dir():
             raise ValueError(f"{folder}: folder not found")
-    preds, gts = _prediction_cases(pred_dir), _ground_truth_cases(gt_dir)
-    if not gts:
-        raise ValueError(f"{gt_dir}: no ground-truth cases (masks or centroid JSON) found")
-    for case_id in sorted(set(preds) - set(gts)):
-        logger.warning("%s: prediction without ground truth, ignored", case_id)
-    for case_id in sorted(set(gts) - set(preds)):
-        logger.warning("%s: no prediction, counted as all vertebrae missed", case_id)
-    cases = [_evaluate_case(case_id, preds.get(case_id), gts[case_id]) for case_id in sorted(gts)]
-    overall = metrics.aggregate_metrics(cases)
-    rows = [_row(case) for case in cases]
+    out_dir = Path(args.output) if args.output else pred_dir
+    csv_path, json_path = out_dir / "evaluation.csv", out_dir / "evaluation.json"
+    _check_output_folder(out_dir)
+    _refuse_existing([csv_path, json_path], args.overwrite)
+    result = evaluation.evaluate_folder(pred_dir, gt_dir)
+    overall = result.overall
+    rows = [_row(case) for case in result.cases]
+    rows += [{"case": f.case_id, **_FAILED} for f in result.failures]
+    rows.sort(key=lambda row: row["case"])
     total = {"case": "overall", "num_gt": overall.num_gt_vertebrae}
     total |= {"num_pred": overall.num_pred_vertebrae, "id_rate": overall.id_rate}
     total |= {"mean_distance_mm": overall.mean_distance_mm, "dice": overall.dice}
     total |= {"hausdorff_mm": overall.hausdorff_mm}
     _write(_format_table([*rows, total]))
-    out_dir = Path(args.output) if args.output else pred_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_output_folder(out_dir)
+    errors = {f.case_id: f.error for f in result.failures}
     buffer = text_io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=[*_COLUMNS, "error"], lineterminator="\n")
     writer.writeheader()
-    writer.writerows([*rows, total])
-    io.write_text_atomic(out_dir / "evaluation.csv", buffer.getvalue())
-    report = {"overall": overall.to_dict(), "cases": [case.to_dict() for case in cases]}
-    io.write_text_atomic(out_dir / "evaluation.json", json.dumps(_json_safe(report), indent=2))
-    _write(f"wrote {out_dir / 'evaluation.csv'} and {out_dir / 'evaluation.json'}")
-    return 0
+    writer.writerows([{**row, "error": errors.get(row["case"], "")} for row in [*rows, total]])
+    io.write_text_atomic(csv_path, buffer.getvalue())
+    io.write_text_atomic(json_path, json.dumps(_json_safe(result.to_dict()), indent=2))
+    _write(f"wrote {csv_path} and {json_path}")
+    for failure in result.failures:
+        sys.stderr.write(f"FAILED {failure.case_id}: {failure.error}\n")
+    if result.failures:
+        _write(f"{len(result.failures)} of {len(rows)} cases failed; overall is over the others")
+    return 1 if result.failures else 0
 
 
 def cmd_preview(args) -> int:
@@ -305,12 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="SCN window overlap in slices (default 3/4 of the window: 96 for paper models)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="id rate, distance, Dice, Hausdorff against ground truth")
     p.add_argument("--pred", required=True, help="folder with <id>_seg.nii.gz and <id>_ctd.json")
     p.add_argument("--gt", required=True, help="ground-truth data set (VerSe layout) or folder")
     p.add_argument("-o", "--output", help="folder for evaluation.csv/.json (default: --pred)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing evaluation files")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("preview", help="PNG with sagittal and coronal views of a CT")
@@ -330,7 +369,7 @@ def main(argv=None) -> int:
     logging.getLogger("verse_jax").setLevel(level)
     try:
         return args.func(args)
-    except ValueError as error:  # bad inputs and model bundles carry their reason
+    except (ValueError, OSError) as error:  # bad inputs and model bundles carry their reason
         sys.stderr.write(f"verse-jax {args.command}: error: {error}\n")
         return 2
 

@@ -25,6 +25,9 @@ from verse_jax.geometry import Geometry, Volume, axis_codes, reorientation_to_co
 logger = logging.getLogger(__name__)
 
 
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+
+
 class VerseFormatError(ValueError):
     """A file is missing, unreadable or does not follow the expected VerSe format."""
 
@@ -70,14 +73,7 @@ def _read_sitk(path: Path) -> sitk.Image:
         raise VerseFormatError(f"{path}: file not found")
     try:
         if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path))
-            if not series:
-                raise VerseFormatError(f"{path}: folder holds no DICOM series")
-            if len(series) > 1:
-                logger.warning("%s holds %d DICOM series; reading %s", path, len(series), series[0])
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
-            return reader.Execute()
+            return _read_dicom_series(path)
         return sitk.ReadImage(str(path))
     except RuntimeError as error:
         message = str(error).strip().splitlines()
@@ -85,23 +81,112 @@ def _read_sitk(path: Path) -> sitk.Image:
         raise VerseFormatError(f"{path}: cannot read image ({detail})") from error
 
 
-def _nifti_data_end(header: bytes) -> int | None:
-    """Byte offset where the voxel data of a NIfTI-1/2 header ends (None if not NIfTI)."""
+_DICOM_SLICE_SUFFIXES = (".dcm", ".ima", "")
+_SPACING_TOLERANCE = 0.01  # relative deviation of one slice gap from the median gap
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    """Read the (first) DICOM series of a folder; refuse missing, unreadable or unevenly spaced
+    slices, which ITK would silently skip (averaging the spacing over the gap)."""
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise VerseFormatError(f"{folder}: folder holds no DICOM series")
+    if len(series) > 1:
+        logger.warning("%s holds %d DICOM series; reading %s", folder, len(series), series[0])
+    listed = {Path(f).name for s in series for f in reader.GetGDCMSeriesFileNames(str(folder), s)}
+    for item in sorted(folder.iterdir()):
+        candidate = item.suffix.lower() in _DICOM_SLICE_SUFFIXES and item.name != "DICOMDIR"
+        if (
+            item.is_file()
+            and candidate
+            and not item.name.startswith(".")
+            and item.name not in listed
+        ):
+            raise VerseFormatError(
+                f"{folder}: slice {item.name} is not a readable DICOM slice of the series "
+                "(corrupt, truncated or from another scan); fix or remove it"
+            )
+    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    image = reader.Execute()
+    _check_slice_spacing(folder, reader, [Path(f).name for f in files])
+    return image
+
+
+def _check_slice_spacing(folder: Path, reader: sitk.ImageSeriesReader, names: list[str]) -> None:
+    """Slice positions (0020|0032) along the slice normal must be evenly spaced."""
+    try:
+        position = [
+            [float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")]
+            for i in range(len(names))
+        ]
+        cosines = [float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")]
+    except (RuntimeError, ValueError):
+        logger.warning("%s: slices without position/orientation tags; spacing not checked", folder)
+        return
+    if len(names) < 3:
+        return
+    normal = np.cross(cosines[:3], cosines[3:6])
+    gaps = np.diff(np.asarray(position, np.float64) @ normal)
+    typical = float(np.median(np.abs(gaps)))
+    bad = np.flatnonzero(np.abs(np.abs(gaps) - typical) > _SPACING_TOLERANCE * typical + 1e-4)
+    if typical == 0 or len(bad):
+        i = int(bad[0]) if len(bad) else 0
+        raise VerseFormatError(
+            f"{folder}: uneven slice spacing: {abs(gaps[i]):.4g} mm between slices {names[i]} and "
+            f"{names[i + 1]}, {typical:.4g} mm elsewhere (missing or unreadable slice?)"
+        )
+
+
+@dataclass(frozen=True)
+class _NiftiLayout:
+    data_offset: int
+    data_end: int
+    dtype: np.dtype | None  # numpy type of floating-point voxel data, None for other types
+
+
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+
+
+def _nifti_layout(header: bytes) -> _NiftiLayout | None:
+    """Where the voxel data of a NIfTI-1/2 header lies and its float type (None if not NIfTI)."""
     for order in "<>":
         if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
             dims = struct.unpack(order + "8h", header[40:56])
+            datatype = struct.unpack(order + "h", header[70:72])[0]
             bitpix = struct.unpack(order + "h", header[72:74])[0]
             offset = int(struct.unpack(order + "f", header[108:112])[0])
             break
         if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
             dims = struct.unpack(order + "8q", header[16:80])
+            datatype = struct.unpack(order + "h", header[12:14])[0]
             bitpix = struct.unpack(order + "h", header[14:16])[0]
             offset = struct.unpack(order + "q", header[168:176])[0]
             break
     else:
         return None
     count = int(np.prod([max(int(d), 1) for d in dims[1 : 1 + max(0, min(int(dims[0]), 7))]]))
-    return offset + count * bitpix // 8
+    float_type = _NIFTI_FLOAT_TYPES.get(int(datatype))
+    dtype = np.dtype(order + float_type) if float_type else None
+    return _NiftiLayout(offset, offset + count * bitpix // 8, dtype)
+
+
+def _count_non_finite_nifti(path: Path, compressed: bool, layout: _NiftiLayout) -> int:
+    """Non-finite float voxels in the file's own data (ITK reads NIfTI NaN as 0)."""
+    itemsize, total = layout.dtype.itemsize, 0
+    with gzip.open(path, "rb") if compressed else path.open("rb") as stream:
+        stream.seek(layout.data_offset)
+        remaining = layout.data_end - layout.data_offset
+        while remaining > 0:
+            chunk = stream.read(min(remaining, (1 << 24) * itemsize))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+            values = np.frombuffer(chunk[: len(chunk) // itemsize * itemsize], layout.dtype)
+            total += int(values.size - np.count_nonzero(np.isfinite(values)))
+    return total
 
 
 def _gzip_length(path: Path) -> int:
@@ -116,8 +201,9 @@ def _gzip_length(path: Path) -> int:
     return total
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """ITK reads truncated NIfTI files without complaint; compare the data length to the header."""
+def _check_nifti_data(path: Path) -> None:
+    """ITK reads truncated NIfTI files without complaint and NaN voxels as 0: compare the data
+    length to the header, and refuse non-finite float voxels."""
     name = path.name.lower()
     if path.is_dir() or not name.endswith((".nii", ".nii.gz")):
         return
@@ -125,11 +211,12 @@ def _check_nifti_complete(path: Path) -> None:
         with path.open("rb") as stream:
             compressed = stream.read(2) == b"\x1f\x8b"  # gzip magic, whatever the name says
         with gzip.open(path, "rb") if compressed else path.open("rb") as stream:
-            end = _nifti_data_end(stream.read(544))
+            layout = _nifti_layout(stream.read(544))
     except (OSError, EOFError, zlib.error) as error:
         raise VerseFormatError(f"{path}: unreadable NIfTI file ({error})") from error
-    if end is None:
+    if layout is None:
         raise VerseFormatError(f"{path}: not a NIfTI file (bad header size field)")
+    end = layout.data_end
     if not compressed:
         length = path.stat().st_size
     else:
@@ -139,6 +226,16 @@ def _check_nifti_complete(path: Path) -> None:
         length = end if trailer == end % 2**32 else _gzip_length(path)
     if length < end:
         raise VerseFormatError(f"{path}: truncated NIfTI file ({length} of {end} bytes)")
+    if layout.dtype is not None:
+        _refuse_non_finite(path, _count_non_finite_nifti(path, compressed, layout), layout.dtype)
+
+
+def _refuse_non_finite(path: Path, count: int, dtype: np.dtype) -> None:
+    if count:
+        raise VerseFormatError(
+            f"{path}: {count} voxels are NaN or infinite ({np.dtype(dtype).name} data); "
+            "an image must hold finite values"
+        )
 
 
 def read_volume(path) -> Volume:
@@ -151,15 +248,40 @@ def read_volume(path) -> Volume:
         Volume with array (x, y, z) in the file's pixel type and the exact file geometry.
 
     Raises:
-        VerseFormatError: missing/unreadable file, not 3-D, or not a scalar image.
+        VerseFormatError: missing/unreadable file, not 3-D, not a scalar image, NaN or infinite
+            voxels (checked in the file's own data type: ITK reads NIfTI NaN as 0), or a DICOM
+            series with a missing, unreadable or unevenly spaced slice.
     """
     path = Path(path)
     image = _read_sitk(path)
-    _check_nifti_complete(path)
+    _check_nifti_data(path)
     try:
-        return volume_from_sitk(image)
+        volume = volume_from_sitk(image)
     except ValueError as error:
         raise VerseFormatError(f"{path}: {error}") from error
+    if np.issubdtype(volume.array.dtype, np.floating):
+        _refuse_non_finite(
+            path, int(np.count_nonzero(~np.isfinite(volume.array))), volume.array.dtype
+        )
+    return volume
+
+
+def read_geometry(path) -> Geometry:
+    """Grid of an image file from its header alone (a DICOM folder is read whole)."""
+    path = Path(path)
+    if path.is_dir() or not path.exists():
+        return read_volume(path).geometry
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise VerseFormatError(f"{path}: cannot read image header ({error})") from error
+    if reader.GetDimension() != 3:
+        raise VerseFormatError(f"{path}: expected a 3-D image, got {reader.GetDimension()}-D")
+    return Geometry(
+        reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
+    )
 
 
 def _as_labels(array: np.ndarray, path) -> np.ndarray:
@@ -194,19 +316,59 @@ def read_mask(path) -> Volume:
     return Volume(_as_labels(volume.array, Path(path)), volume.geometry)
 
 
-def _temporary_path(path: Path) -> Path:
-    """Hidden temporary name in the same folder that keeps the extension (SimpleITK picks by it)."""
+def temporary_path(path) -> Path:
+    """Hidden temporary name beside ``path`` that keeps the extension (SimpleITK picks by it).
+
+    ``.<stem>.<pid>-<random>.tmp<suffix>``: the writer's process id lets a later run tell a file
+    left by a killed run from one still being written (:func:`remove_stale_temporaries`).
+    """
+    path = Path(path)
     name = path.name
     suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else path.suffix
     stem = name[: len(name) - len(suffix)] if suffix else name
-    return path.with_name(f".{stem}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
+    return path.with_name(f".{stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{suffix}")
+
+
+_TEMPORARY = re.compile(  # this version's names, then older ones (without process id)
+    r"^\..+\.((?P<pid>\d+)-[0-9a-f]{8}|[0-9a-f]{12})\.tmp(\.[A-Za-z.]+)?$|^\..+\.tmp-[0-9a-f]{8}$"
+)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid > 0
+    return True
+
+
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Delete the temporary files (:func:`temporary_path`) in ``folder`` whose writer is gone.
+
+    Files of a process still running on this machine are kept (another run into the same folder).
+
+    Returns:
+        The paths removed.
+    """
+    removed = []
+    for item in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
+        match = _TEMPORARY.match(item.name)
+        if not match or not item.is_file():
+            continue
+        if match["pid"] and _process_alive(int(match["pid"])):
+            continue
+        item.unlink(missing_ok=True)
+        removed.append(item)
+    return removed
 
 
 def _atomic_write_image(path, image: sitk.Image) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise VerseFormatError(f"{path}: folder {path.parent} does not exist")
-    temporary = _temporary_path(path)
+    temporary = temporary_path(path)
     try:
         sitk.WriteImage(image, str(temporary), useCompression=True)
         os.replace(temporary, path)
@@ -372,7 +534,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Writes `text` to `path` through a temporary file in the same folder and a rename."""
     if not path.parent.is_dir():
         raise VerseFormatError(f"{path}: folder {path.parent} does not exist")
-    temporary = _temporary_path(path)
+    temporary = temporary_path(path)
     try:
         temporary.write_text(text)
         os.replace(temporary, path)
@@ -455,7 +617,10 @@ def _miccai_cases(root: Path) -> list[Case]:
             continue
         case_id = match["id"]
         mask = _first_existing([root / f"{case_id}_seg.nii.gz", root / f"{case_id}_seg.nii"])
-        cases.append(Case(case_id, image, mask, _first_existing([root / f"{case_id}_ctd.json"])))
+        centroids = _first_existing([root / f"{case_id}_ctd.json"])
+        cases.append(Case(case_id, image, mask, centroids))
+    if not any(case.mask_path or case.centroids_path for case in cases):
+        return []  # CTs whose names end in a digit, but no annotation: not a VerSe'19 data set
     return cases
 
 
@@ -490,10 +655,14 @@ def find_cases(root) -> list[Case]:
 
     Layouts:
         * MICCAI (VerSe'19): ``root/verseNNN.nii.gz`` (any name ending in a digit),
-          ``verseNNN_seg.nii.gz``, ``verseNNN_ctd.json``; case id ``verseNNN``.
+          ``verseNNN_seg.nii.gz``, ``verseNNN_ctd.json``; case id ``verseNNN``. Recognised only
+          when at least one such CT has its mask or centroid JSON beside it.
         * BIDS (re-release, phantoms): ``root/rawdata/sub-<id>[/ses-*]/sub-<id>[_...]_ct.nii.gz``,
           ``root/derivatives/sub-<id>/.../<prefix>_seg-vert_msk.nii.gz`` and
           ``<prefix>_seg-subreg_ctd.json``; case id = file prefix without ``sub-`` (``<id>[_...]``).
+
+    Returns:
+        The cases; empty when ``root`` follows neither layout.
 
     Raises:
         VerseFormatError: ``root`` is not a folder, or two scans share a case id.
@@ -506,8 +675,6 @@ def find_cases(root) -> list[Case]:
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise VerseFormatError(f"{root}: duplicate case ids {duplicates}")
-    if not cases:
-        logger.warning("no VerSe cases found under %s", root)
     return sorted(cases, key=lambda case: case.case_id)
 
 

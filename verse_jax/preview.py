@@ -5,7 +5,6 @@ Two views through the spine, sampled in physical space (oblique inputs too): a s
 """
 
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from scipy import ndimage
 
+from verse_jax import io
 from verse_jax import labels as verse_labels
 from verse_jax.geometry import Volume
 from verse_jax.io import Centroids
@@ -125,7 +125,7 @@ def write_preview(
     path = Path(path)
     figure = render_preview(image, mask, centroids, title)
     FigureCanvasAgg(figure)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = io.temporary_path(path)
     try:
         figure.savefig(tmp, format="png")
         os.replace(tmp, path)
