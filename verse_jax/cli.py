@@ -117,7 +117,9 @@ def _write_case_extras(case_id, ct_path, out_dir, image, result, args) -> dict:
     io.write_text_atomic(out_dir / f"{case_id}_stats.json", report)
     if result.probabilities is not None:
         probabilities.write_probabilities(out_dir / f"{case_id}_prob.nii.gz", result.probabilities)
-    if args.output_type == "dicom-seg":
+    if args.output_type == "dicom-seg" and not np.any(result.mask.array):
+        logger.warning("%s: empty mask, no DICOM-SEG written", case_id)
+    elif args.output_type == "dicom-seg":
         from verse_jax import dicom_seg
 
         datasets = dicom_seg.series_datasets(ct_path)
@@ -139,6 +141,9 @@ def cmd_predict(args) -> int:
             )
     model = bundle.load_bundle(args.model)
     inputs = find_inputs(Path(args.input))
+    not_dicom = [str(path) for _, path in inputs if not path.is_dir()]
+    if args.output_type == "dicom-seg" and not_dicom:
+        raise ValueError(f"--output-type dicom-seg needs DICOM series inputs, got {not_dicom}")
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     failures, done = [], {}
