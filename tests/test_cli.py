@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from verse_jax import bundle, io
+from verse_jax import bundle, io, labels, probabilities
 from verse_jax.cli import main
 
 GRIDS = {
@@ -33,9 +33,10 @@ def dataset(tmp_path_factory):
 def test_predict_evaluate_preview(model, dataset, tmp_path, capsys):
     out = tmp_path / "pred"
     args = ["predict", "-i", str(dataset), "-o", str(out), "--model", str(model)]
-    assert main([*args, "--preview", "--overlap", "8", "-q"]) == 0
+    assert main([*args, "--preview", "--overlap", "8", "-q", "--save-probabilities"]) == 0
     cases = io.find_cases(dataset)
     assert len(cases) == 2
+    _check_extras(out, cases)
     for case in cases:
         mask = io.read_mask(out / f"{case.case_id}_seg.nii.gz")
         image = io.read_volume(case.image_path)
@@ -55,6 +56,50 @@ def test_predict_evaluate_preview(model, dataset, tmp_path, capsys):
     assert main([*args, "--centroids", str(case.centroids_path), "-o", str(png)]) == 0
     assert png.stat().st_size > 1000
     assert "overall" in capsys.readouterr().out
+
+
+def _check_extras(out, cases):
+    """Statistics JSON and CSV, probabilities: consistent with the mask and centroids written."""
+    csv_lines = (out / "statistics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("case,label,name,centroid_x_mm")
+    for case in cases:
+        mask = io.read_mask(out / f"{case.case_id}_seg.nii.gz")
+        centroids = io.read_centroids(out / f"{case.case_id}_ctd.json", mask.geometry)
+        report = json.loads((out / f"{case.case_id}_stats.json").read_text())
+        assert report["case"] == case.case_id
+        assert isinstance(report["labelling"]["labelling_uncertain"], bool)
+        vertebrae = report["vertebrae"]
+        assert [v["label"] for v in vertebrae] == centroids.labels.tolist()
+        np.testing.assert_allclose(
+            [v["centroid_mm"] for v in vertebrae], centroids.points_mm, atol=1e-3
+        )
+        assert [v["voxels"] for v in vertebrae] == [
+            int(np.sum(mask.array == v)) for v in centroids.labels
+        ]
+        assert sum(line.startswith(case.case_id + ",") for line in csv_lines) == len(vertebrae)
+        prob = probabilities.read_probabilities(out / f"{case.case_id}_prob.nii.gz")
+        io.check_same_grid(mask.geometry, prob.geometry, "probabilities")
+        labelled, step = mask.array > 0, 1 / probabilities.SCALE  # 16-bit storage: 0.5 +- step
+        assert np.all(prob.array[labelled] >= 0.5 - step) and np.all(
+            prob.array[~labelled] <= 0.5 + step
+        )
+        assert np.any((prob.array > 0.01) & (prob.array < 0.49))  # probabilities below 0.5 kept
+
+
+def test_labels_command(capsys):
+    assert main(["labels"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["id", "name", "colour"] and len(lines) == 27
+    assert lines[1].split() == ["1", "C1", "#6b79e7"] and lines[-1].split()[:2] == ["28", "T13"]
+    assert main(["labels", "--json"]) == 0
+    registry = json.loads(capsys.readouterr().out)
+    assert registry == labels.label_registry() and registry[19] == {
+        "id": 20,
+        "name": "L1",
+        "color": registry[19]["color"],
+    }
+    rgb = [int(registry[19]["color"][i : i + 2], 16) / 255 for i in (1, 3, 5)]
+    np.testing.assert_allclose(rgb, labels.label_colors()[20, :3], atol=0.5 / 255)
 
 
 def test_evaluate_ground_truth_against_itself(dataset, tmp_path):

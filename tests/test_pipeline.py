@@ -53,6 +53,28 @@ def test_predict_case_keeps_input_geometry(tiny, orientation):
     assert set(centroids.labels.tolist()) <= set(range(1, 26))
 
 
+def test_predict_case_details_adds_values_confidence_and_probabilities(tiny):
+    image = _phantom("PIR").image
+    centroids, mask = pipeline.predict_case(image, tiny, overlap_z=8, seg_batch_size=4)
+    result = pipeline.predict_case_details(
+        image, tiny, overlap_z=8, seg_batch_size=4, keep_probabilities=True
+    )
+    np.testing.assert_array_equal(result.mask.array, mask.array)  # low probabilities kept: same
+    np.testing.assert_array_equal(result.centroids.points_mm, centroids.points_mm)
+    sequence = result.sequence
+    np.testing.assert_array_equal(result.landmark_values, sequence.values[sequence.valid])
+    assert np.all(result.landmark_values > 0)
+    rows = np.arange(sequence.choice.size)[sequence.valid]
+    chosen = result.candidates.values[rows, sequence.choice[sequence.valid]]
+    np.testing.assert_array_equal(result.landmark_values, chosen)
+    assert result.confidence.labels == tuple(centroids.labels.tolist())
+    prob = result.probabilities
+    assert prob.geometry == image.geometry and prob.array.dtype == np.float16
+    labelled = mask.array > 0
+    assert np.all(prob.array[labelled] >= 0.5) and np.all(prob.array[~labelled] <= 0.5)
+    assert np.all(prob.array >= 0) and np.any((prob.array > 0) & (prob.array < 0.5))
+
+
 def test_stage_volumes_equal_to_stage_grid():
     image = _phantom("oblique").image
     grids = {"a": StageGrid(8.0, (8, 8, 8), 0.75), "b": StageGrid(5.0, (8, 8, 8), 0.75)}

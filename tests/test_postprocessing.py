@@ -243,11 +243,13 @@ def test_fusion_equals_dense_argmax_with_ties():
         dense = np.zeros((len(labels) + 1,) + shape, np.float32)
         dense[0] = 0.5
         fusion = LabelFusion(shape)
+        low = LabelFusion(shape, keep_low_probabilities=True)
         for channel, label in enumerate(labels, start=1):
             box = tuple(int(s) for s in rng.integers(1, 6, 3))
             offset = tuple(int(o) for o in rng.integers(-2, 6, 3))
             prob = (rng.integers(0, 5, box) / 4.0).astype(np.float32)  # ties with 0.5 and others
             fusion.add(int(label), prob, offset)
+            low.add(int(label), prob, offset)
             grid = [np.arange(o, o + b) for o, b in zip(offset, box, strict=True)]
             inside = [(g >= 0) & (g < s) for g, s in zip(grid, shape, strict=True)]
             sub = prob[np.ix_(*inside)]
@@ -255,6 +257,8 @@ def test_fusion_equals_dense_argmax_with_ties():
         expected = np.concatenate([[0], labels])[np.argmax(dense, axis=0)]
         np.testing.assert_array_equal(fusion.labels, expected.astype(np.uint16))
         assert fusion.labels.dtype == np.uint16
+        np.testing.assert_array_equal(low.labels, fusion.labels)  # same labels, and
+        np.testing.assert_array_equal(low.best_prob, dense[1:].max(axis=0))  # the max below 0.5
 
 
 def test_fusion_ties_go_to_the_label_added_first():

@@ -1,4 +1,4 @@
-"""Command line: ``verse-jax phantoms / bundle / predict / evaluate / preview``.
+"""Command line: ``verse-jax phantoms / bundle / predict / evaluate / preview / labels``.
 
 Run ``verse-jax <command> -h`` for the options. Exit codes: 0 success, 1 some cases failed,
 2 bad arguments or inputs (missing path, unusable model bundle, unwritable or existing outputs),
@@ -146,8 +146,10 @@ def _prepare_output_folder(path: Path) -> None:
 
 def _case_outputs(case_id: str, args) -> list[str]:
     """File names ``predict`` writes for one case."""
-    names = [f"{case_id}_seg.nii.gz", f"{case_id}_ctd.json"]
-    return names + ([f"{case_id}_preview.png"] if args.preview else [])
+    names = [f"{case_id}_seg.nii.gz", f"{case_id}_ctd.json", f"{case_id}_stats.json"]
+    names += [f"{case_id}_preview.png"] if args.preview else []
+    names += [f"{case_id}_prob.nii.gz"] if args.save_probabilities else []
+    return names + ([f"{case_id}_seg.dcm"] if args.output_type == "dicom-seg" else [])
 
 
 def _check_overlap(overlap: int | None, window_z: int | None = None) -> None:
@@ -161,12 +163,20 @@ def _check_overlap(overlap: int | None, window_z: int | None = None) -> None:
         )
 
 
-def _predict_one(case_id, ct_path, out_dir, model, args) -> None:
-    from verse_jax import pipeline, preview
+def _predict_one(case_id, ct_path, out_dir, model, args) -> dict:
+    from verse_jax import label_confidence, pipeline, preview
 
     image = io.read_volume(ct_path)
     pipeline.check_ct(image, str(ct_path))
-    centroids, mask = pipeline.predict_case(image, model, overlap_z=args.overlap)
+    margin = args.label_margin
+    result = pipeline.predict_case_details(
+        image,
+        model,
+        overlap_z=args.overlap,
+        keep_probabilities=args.save_probabilities,
+        margin_threshold=label_confidence.DEFAULT_MARGIN_THRESHOLD if margin is None else margin,
+    )
+    centroids, mask = result.centroids, result.mask
     labels = np.asarray(mask.array, np.uint16)
     io.write_volume(out_dir / f"{case_id}_seg.nii.gz", type(mask)(labels, mask.geometry))
     io.write_centroids(out_dir / f"{case_id}_ctd.json", centroids, image.geometry)
@@ -175,6 +185,28 @@ def _predict_one(case_id, ct_path, out_dir, model, args) -> None:
             out_dir / f"{case_id}_preview.png", image, mask, centroids, title=case_id
         )
     logger.info("%s: %d vertebrae %s", case_id, len(centroids.labels), centroids.labels.tolist())
+    return _write_case_extras(case_id, ct_path, out_dir, image, result, args)
+
+
+def _write_case_extras(case_id, ct_path, out_dir, image, result, args) -> dict:
+    """Statistics JSON, probabilities and DICOM-SEG of one case; its CSV rows and confidence."""
+    from verse_jax import probabilities, statistics
+
+    records = statistics.vertebra_statistics(
+        image, result.mask, result.centroids, result.landmark_values
+    )
+    report = statistics.case_report(case_id, records, result.confidence)
+    io.write_text_atomic(out_dir / f"{case_id}_stats.json", report)
+    if result.probabilities is not None:
+        probabilities.write_probabilities(out_dir / f"{case_id}_prob.nii.gz", result.probabilities)
+    if args.output_type == "dicom-seg" and not np.any(result.mask.array):
+        logger.warning("%s: empty mask, no DICOM-SEG written", case_id)
+    elif args.output_type == "dicom-seg":
+        from verse_jax import dicom_seg
+
+        datasets = dicom_seg.series_datasets(ct_path)
+        dicom_seg.write_dicom_seg(out_dir / f"{case_id}_seg.dcm", result.mask, datasets)
+    return {"rows": statistics.csv_rows(case_id, records), "confidence": result.confidence}
 
 
 def cmd_predict(args) -> int:
@@ -183,26 +215,63 @@ def cmd_predict(args) -> int:
     from verse_jax import bundle
 
     _check_overlap(args.overlap)
+    if args.output_type == "dicom-seg":
+        from verse_jax import dicom_seg
+
+        if not dicom_seg.available():
+            raise ValueError(
+                "--output-type dicom-seg needs highdicom: pip install 'verse-jax[dicom]'"
+            )
     out_dir = Path(args.output)
     _check_output_folder(out_dir)
     model = bundle.load_bundle(args.model)
     _check_overlap(args.overlap, model.scn.grid.crop_size[2])
     inputs = find_inputs(Path(args.input))
+    not_dicom = [str(path) for _, path in inputs if not path.is_dir()]
+    if args.output_type == "dicom-seg" and not_dicom:
+        raise ValueError(f"--output-type dicom-seg needs DICOM series inputs, got {not_dicom}")
     outputs = [out_dir / name for case_id, _ in inputs for name in _case_outputs(case_id, args)]
+    outputs.append(out_dir / "statistics.csv")
     _refuse_existing(outputs, args.overwrite)
     _prepare_output_folder(out_dir)
-    failures = []
+    failures, done = [], {}
     for case_id, ct_path in tqdm(inputs, desc="cases", unit="case", disable=args.quiet):
         try:
-            _predict_one(case_id, ct_path, out_dir, model, args)
+            done[case_id] = _predict_one(case_id, ct_path, out_dir, model, args)
         except Exception as error:  # one bad case must not stop the others
             logger.debug("case %s failed", case_id, exc_info=True)
             failures.append((case_id, ct_path, f"{type(error).__name__}: {error}"))
-    done = len(inputs) - len(failures)
-    _write(f"predicted {done} of {len(inputs)} cases into {out_dir}")
+    _write_summary(done, out_dir)
+    _write(f"predicted {len(done)} of {len(inputs)} cases into {out_dir}")
     for case_id, ct_path, reason in failures:
         sys.stderr.write(f"FAILED {case_id} ({ct_path}): {reason}\n")
     return 1 if failures else 0
+
+
+def _write_summary(done: dict, out_dir: Path) -> None:
+    """statistics.csv (one row per vertebra of every case) and a line per uncertain labelling."""
+    from verse_jax import statistics
+
+    rows = [row for case in done.values() for row in case["rows"]]
+    io.write_text_atomic(out_dir / "statistics.csv", statistics.format_csv(rows))
+    for case_id, case in done.items():
+        if case["confidence"].uncertain:
+            _write(
+                f"{case_id}: labelling uncertain, check the levels ({case['confidence'].reason})"
+            )
+
+
+def cmd_labels(args) -> int:
+    from verse_jax import labels
+
+    registry = labels.label_registry()
+    if args.json:
+        _write(json.dumps(registry, indent=2))
+        return 0
+    _write(f"{'id':>3}  {'name':<4}  colour")
+    for entry in registry:
+        _write(f"{entry['id']:>3}  {entry['name']:<4}  {entry['color']}")
+    return 0
 
 
 _COLUMNS = ("case", "num_gt", "num_pred", "id_rate", "mean_distance_mm", "dice", "hausdorff_mm")
@@ -343,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    _add_predict_extras(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="id rate, distance, Dice, Hausdorff against ground truth")
@@ -358,7 +428,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--centroids", help="centroid JSON (either VerSe flavour)")
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
     p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("labels", help="the VerSe label registry: id, name, preview colour")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.set_defaults(func=cmd_labels)
     return parser
+
+
+def _add_predict_extras(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--save-probabilities",
+        action="store_true",
+        help="also write <id>_prob.nii.gz: the winning vertebra's probability per voxel",
+    )
+    p.add_argument(
+        "--output-type",
+        choices=("nifti", "dicom-seg"),
+        default="nifti",
+        help="dicom-seg: also write <id>_seg.dcm for DICOM series inputs (needs highdicom)",
+    )
+    p.add_argument(
+        "--label-margin",
+        type=float,
+        default=None,
+        help="flag a labelling whose margin per vertebra over a one-level alternative is below "
+        "this (default label_confidence.DEFAULT_MARGIN_THRESHOLD, provisional 0.15)",
+    )
 
 
 def main(argv=None) -> int:

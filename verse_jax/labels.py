@@ -41,6 +41,27 @@ def index_to_label_array(num_landmarks: int) -> np.ndarray:
     return np.array([index_to_label(i) for i in range(num_landmarks)], dtype=np.int64)
 
 
+def label_colors() -> np.ndarray:
+    """(29, 4) RGBA colours in [0, 1] indexed by VerSe id, as the previews draw them; id 0 clear."""
+    rng = np.random.default_rng(7)
+    colors = np.concatenate([rng.uniform(0.25, 1.0, (29, 3)), np.ones((29, 1))], axis=1)
+    colors[0] = 0.0
+    return colors
+
+
+def label_registry() -> list[dict]:
+    """Every VerSe vertebra id with its name and preview colour, in id order.
+
+    Returns:
+        [{"id": 1, "name": "C1", "color": "#rrggbb"}, ...] (ids 1-25 and 28).
+    """
+    colors = np.rint(label_colors()[:, :3] * 255).astype(int)
+    return [
+        {"id": label, "name": name, "color": "#{:02x}{:02x}{:02x}".format(*colors[label])}
+        for label, name in sorted(VERTEBRA_NAMES.items())
+    ]
+
+
 def vertebra_name(label: int) -> str:
     """Human name of a VerSe id, e.g. 20 -> 'L1'."""
     try:

@@ -15,6 +15,7 @@ and smoothing of the bundle's ``stage.json``; the outputs are in the input's exa
 import functools
 import logging
 import time
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from verse_jax import heatmaps, inference, postprocessing, preprocessing
 from verse_jax.bundle import Bundle, StageGrid, StageModel
 from verse_jax.geometry import Geometry, Volume, physical_bounding_grid
 from verse_jax.io import Centroids, landmarks_to_centroids
+from verse_jax.label_confidence import DEFAULT_MARGIN_THRESHOLD, LabelConfidence, label_confidence
 from verse_jax.labels import index_to_label
 
 logger = logging.getLogger(__name__)
@@ -150,6 +152,33 @@ def predict_landmarks(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stage 2: vertebra centroids from the column around the spine.
 
+    `predict_landmark_sequence` with the same arguments, reduced to its selected points.
+
+    Returns:
+        points_mm (K, 3) LPS mm (zeros where invalid), valid (K,) bool.
+    """
+    _, sequence = predict_landmark_sequence(
+        volume,
+        spine_mm,
+        stage,
+        overlap_z=overlap_z,
+        batch_size=batch_size,
+        whole_column=whole_column,
+    )
+    return sequence.points_mm, sequence.valid
+
+
+def predict_landmark_sequence(
+    volume: Volume,
+    spine_mm,
+    stage: StageModel,
+    *,
+    overlap_z: int | None = None,
+    batch_size: int = 1,
+    whole_column: bool = False,
+) -> tuple[postprocessing.LandmarkCandidates, postprocessing.LandmarkSequence]:
+    """Stage 2: candidate peaks and the selected landmark sequence from the column around the spine.
+
     Args:
         volume: normalised scan on the stage's bounding grid (``stage_volumes``).
         spine_mm: (3,) LPS mm spine point; its x, y centre the column.
@@ -163,7 +192,8 @@ def predict_landmarks(
             command line do not offer it.
 
     Returns:
-        points_mm (K, 3) LPS mm (zeros where invalid), valid (K,) bool.
+        The candidates (`postprocessing.landmark_candidates`) and the sequence selected from them
+        (its `points_mm`, `valid` and heatmap `values`).
     """
     crop_x, crop_y, window_z = stage.grid.crop_size
     center = np.rint(volume.geometry.physical_to_index(np.asarray(spine_mm))).astype(np.int64)
@@ -191,7 +221,7 @@ def predict_landmarks(
         *candidates, postprocessing.column_z_range_mm(column.geometry)
     )
     logger.debug("landmark sequence mode %s, %d valid", sequence.mode, sequence.valid.sum())
-    return sequence.points_mm, sequence.valid
+    return candidates, sequence
 
 
 @functools.lru_cache(maxsize=16)
@@ -215,14 +245,15 @@ def _segment_fn(model, shape: tuple[int, int, int]):
     return jax.jit(segment)
 
 
-def _fuse(fusion, prob: Volume, label: int, target: Geometry) -> None:
-    """Resample one vertebra's probabilities onto the part of ``target`` they can win and fuse.
+def _fuse(fusion, prob: Volume, label: int, target: Geometry, threshold: float = 0.5) -> None:
+    """Resample one vertebra's probabilities onto the part of ``target`` they can change and fuse.
 
     Only voxels with probability > 0.5 can beat the background's 0.5, and a linearly interpolated
     value > 0.5 needs a grid neighbour > 0.5, so the source is cut to the bounding box of those
-    voxels plus one voxel; the result equals resampling the whole crop.
+    voxels plus one voxel; the result equals resampling the whole crop. A fusion that keeps
+    probabilities below 0.5 passes ``threshold=0`` (every voxel with a positive probability).
     """
-    above = np.argwhere(prob.array > 0.5)
+    above = np.argwhere(prob.array > threshold)
     if above.size == 0:
         return
     low, high = above.min(axis=0) - 1, above.max(axis=0) + 2
@@ -259,9 +290,31 @@ def predict_segmentation(
     Returns:
         (x, y, z) uint16 VerSe ids on ``target`` (0 background).
     """
+    fusion = fuse_segmentation(volume, points_mm, valid, stage, target, batch_size=batch_size)
+    return fusion.labels
+
+
+def fuse_segmentation(
+    volume: Volume,
+    points_mm,
+    valid,
+    stage: StageModel,
+    target: Geometry,
+    *,
+    batch_size: int = 1,
+    keep_low_probabilities: bool = False,
+) -> postprocessing.LabelFusion:
+    """`predict_segmentation`'s fusion itself: labels and the per-voxel winning probability.
+
+    Args:
+        keep_low_probabilities: also keep probabilities <= 0.5 (`LabelFusion`); each crop is then
+            resampled whole instead of only where it can win. Other arguments as
+            `predict_segmentation`.
+    """
     crop = np.asarray(stage.grid.crop_size)
     segment = _segment_fn(stage.model, tuple(stage.grid.crop_size))
-    fusion = postprocessing.LabelFusion(target.size)
+    fusion = postprocessing.LabelFusion(target.size, keep_low_probabilities=keep_low_probabilities)
+    threshold = 0.0 if keep_low_probabilities else 0.5
     indices = np.flatnonzero(np.asarray(valid))
     for first in range(0, len(indices), batch_size):
         chunk = indices[first : first + batch_size]
@@ -277,8 +330,32 @@ def predict_segmentation(
         probs = np.asarray(segment(stage.params, jnp.asarray(crops), jnp.asarray(points_vox)))
         for row, k in enumerate(chunk):
             prob = postprocessing.largest_component(probs[row])
-            _fuse(fusion, Volume(prob, boxes[row].geometry), index_to_label(k), target)
-    return fusion.labels
+            _fuse(fusion, Volume(prob, boxes[row].geometry), index_to_label(k), target, threshold)
+    return fusion
+
+
+@dataclass(frozen=True)
+class CasePrediction:
+    """Everything `predict_case_details` found in one CT.
+
+    Attributes:
+        centroids: VerSe ids and LPS mm points of the found vertebrae.
+        mask: uint16 label Volume with exactly the input's geometry.
+        landmark_values: (N,) float64 heatmap peak value of each centroid, in `centroids` order.
+        candidates: the landmark candidates of stage 2 (`postprocessing.LandmarkCandidates`).
+        sequence: the landmark sequence selected from them.
+        confidence: the labelling against its one-level alternatives (`label_confidence`).
+        probabilities: float16 Volume on the input grid, the highest vertebra probability per
+            voxel (the winning label's where the mask is not 0), or None if not asked for.
+    """
+
+    centroids: Centroids
+    mask: Volume
+    landmark_values: np.ndarray
+    candidates: postprocessing.LandmarkCandidates
+    sequence: postprocessing.LandmarkSequence
+    confidence: LabelConfidence
+    probabilities: Volume | None = None
 
 
 def predict_case(
@@ -306,6 +383,37 @@ def predict_case(
     Raises:
         ValueError: not a CT; NoSpineFoundError: no spine or no vertebra found.
     """
+    result = predict_case_details(
+        image,
+        bundle,
+        overlap_z=overlap_z,
+        window_batch_size=window_batch_size,
+        seg_batch_size=seg_batch_size,
+    )
+    return result.centroids, result.mask
+
+
+def predict_case_details(
+    image: Volume,
+    bundle: Bundle,
+    *,
+    overlap_z: int | None = None,
+    window_batch_size: int = 1,
+    seg_batch_size: int = 1,
+    keep_probabilities: bool = False,
+    margin_threshold: float = DEFAULT_MARGIN_THRESHOLD,
+) -> CasePrediction:
+    """`predict_case` with the heatmap values, candidates, labelling confidence, probabilities.
+
+    Args:
+        keep_probabilities: also return the fused per-voxel probability (float16); costs one
+            resampling of every whole crop and a float32 array of the input's size.
+        margin_threshold: `label_confidence`'s flag threshold (margin per vertebra).
+        Other arguments as `predict_case`.
+
+    Raises:
+        ValueError: not a CT; NoSpineFoundError: no spine or no vertebra found.
+    """
     check_ct(image)
     times = {}
     tic = time.perf_counter()
@@ -314,14 +422,21 @@ def predict_case(
     times["preprocessing"], tic = time.perf_counter() - tic, time.perf_counter()
     spine_mm = predict_spine(volumes["spine"], bundle.spine)
     times["spine"], tic = time.perf_counter() - tic, time.perf_counter()
-    points_mm, valid = predict_landmarks(
+    candidates, sequence = predict_landmark_sequence(
         volumes["scn"], spine_mm, bundle.scn, overlap_z=overlap_z, batch_size=window_batch_size
     )
+    points_mm, valid = sequence.points_mm, sequence.valid
     times["landmarks"], tic = time.perf_counter() - tic, time.perf_counter()
     if not np.any(valid):
         raise NoSpineFoundError("no vertebra found: no landmark passed the sequence selection")
-    labels = predict_segmentation(
-        volumes["seg"], points_mm, valid, bundle.seg, image.geometry, batch_size=seg_batch_size
+    fusion = fuse_segmentation(
+        volumes["seg"],
+        points_mm,
+        valid,
+        bundle.seg,
+        image.geometry,
+        batch_size=seg_batch_size,
+        keep_low_probabilities=keep_probabilities,
     )
     times["segmentation"] = time.perf_counter() - tic
     logger.info(
@@ -329,4 +444,15 @@ def predict_case(
         int(np.sum(valid)),
         ", ".join(f"{name} {seconds:.2f} s" for name, seconds in times.items()),
     )
-    return landmarks_to_centroids(points_mm, valid), Volume(labels, image.geometry)
+    probabilities = None
+    if keep_probabilities:
+        probabilities = Volume(fusion.best_prob.astype(np.float16), image.geometry)
+    return CasePrediction(
+        centroids=landmarks_to_centroids(points_mm, valid),
+        mask=Volume(fusion.labels, image.geometry),
+        landmark_values=np.asarray(sequence.values, np.float64)[valid],
+        candidates=candidates,
+        sequence=sequence,
+        confidence=label_confidence(candidates, sequence, threshold=margin_threshold),
+        probabilities=probabilities,
+    )

@@ -385,15 +385,20 @@ class LabelFusion:
     wherever no probability exceeds 0.5). With another order, ties go to the label added first.
     Probabilities are compared in float32 (the reference stored float16).
 
+    With `keep_low_probabilities`, `best_prob` starts at 0 and holds the highest vertebra
+    probability of every voxel, also where it is <= 0.5 (background); a label is set only where
+    its probability is > 0.5, so the labels are the same as without it.
+
     Args:
         shape: `(x, y, z)` size of the full grid.
+        keep_low_probabilities: track probabilities below the background's 0.5 too.
     """
 
-    def __init__(self, shape):
+    def __init__(self, shape, *, keep_low_probabilities: bool = False):
         shape = tuple(int(s) for s in shape)
         if len(shape) != 3 or min(shape) < 1:
             raise ValueError(f"fusion grid shape must be 3 positive sizes (x, y, z), got {shape}")
-        self.best_prob = np.full(shape, 0.5, np.float32)
+        self.best_prob = np.full(shape, 0.0 if keep_low_probabilities else 0.5, np.float32)
         self.best_label = np.zeros(shape, np.uint16)
 
     def add(self, label: int, prob, offset=(0, 0, 0)) -> None:
@@ -418,7 +423,8 @@ class LabelFusion:
         grid, local = tuple(grid), tuple(local)
         better = prob[local] > self.best_prob[grid]
         self.best_prob[grid] = np.where(better, prob[local], self.best_prob[grid])
-        self.best_label[grid] = np.where(better, np.uint16(label), self.best_label[grid])
+        wins = better & (prob[local] > 0.5)  # == better unless low probabilities are kept
+        self.best_label[grid] = np.where(wins, np.uint16(label), self.best_label[grid])
 
     @property
     def labels(self) -> np.ndarray:

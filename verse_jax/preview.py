@@ -22,14 +22,6 @@ _WINDOW_HU = (-300.0, 1200.0)
 _MAX_PIXELS = 600
 
 
-def _label_colors() -> np.ndarray:
-    """(29, 4) RGBA colours indexed by VerSe id; id 0 transparent."""
-    rng = np.random.default_rng(7)
-    colors = np.concatenate([rng.uniform(0.25, 1.0, (29, 3)), np.ones((29, 1))], axis=1)
-    colors[0] = 0.0
-    return colors
-
-
 def _spine_point_mm(image: Volume, mask: Volume | None, centroids: Centroids | None) -> np.ndarray:
     """(3,) LPS mm point the views pass through: median centroid, mask centre, or volume centre."""
     if centroids is not None and len(centroids.labels):
@@ -77,7 +69,7 @@ def render_preview(
 ) -> Figure:
     """Figure with sagittal and coronal views, mask in colours, centroids named (e.g. ``L1``)."""
     center = _spine_point_mm(image, mask, centroids)
-    colors = ListedColormap(_label_colors())
+    colors = ListedColormap(verse_labels.label_colors())
     figure = Figure(figsize=(10, 7), dpi=100)
     for column, (axes, name) in enumerate((((1, 2), "sagittal"), ((0, 2), "coronal"))):
         ax = figure.add_subplot(1, 2, column + 1)
