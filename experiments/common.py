@@ -84,7 +84,7 @@ def build_optimizer(optim: ml_collections.ConfigDict):
 def stage_spec(config: ml_collections.ConfigDict) -> StageSpec:
     """The data module's stage settings from `config.data`."""
     d = config.data
-    ranges = AugmentRanges() if d.augment else AugmentRanges.none()
+    ranges = AugmentRanges(**d.aug.to_dict()) if d.augment else AugmentRanges.none()
     return StageSpec(
         config.stage,
         float(d.spacing_mm),

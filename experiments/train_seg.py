@@ -49,7 +49,7 @@ def train_and_evaluate(config, workdir) -> training.TrainState:
         factory="vertebrae_segmentation_net",
         factory_kwargs={"preset": config.model.preset, "conv_impl": config.model.conv_impl},
         make_loss=lambda apply: training.make_seg_loss(
-            apply, weight_decay=config.optim.weight_decay
+            apply, weight_decay=config.optim.weight_decay, dice_weight=config.optim.dice_weight
         ),
         make_evaluate=make_evaluate,
     )

@@ -85,3 +85,29 @@ def sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     x = logits.astype(jnp.float32)
     z = labels.astype(jnp.float32)
     return jnp.mean(jnp.maximum(x, 0.0) - x * z + jnp.log1p(jnp.exp(-jnp.abs(x))))
+
+
+def soft_dice_loss(logits: jax.Array, labels: jax.Array, smooth: float = 1.0) -> jax.Array:
+    """Mean over the batch of ``1 - soft Dice(sigmoid(logits), labels)`` per crop.
+
+    ``soft Dice = (2 sum(p z) + smooth) / (sum(p) + sum(z) + smooth)`` over each crop's voxels, so
+    a crop counts the same whatever its foreground size (the cross-entropy mean is dominated by
+    background voxels early in training).
+
+    Args:
+        logits: (batch, x, y, z, 1) network outputs.
+        labels: same shape, in [0, 1].
+        smooth: added to numerator and denominator (a crop without foreground scores 1 when the
+            prediction is empty too).
+
+    Returns:
+        Scalar float32 in [0, 1].
+    """
+    if logits.shape != labels.shape:
+        raise ValueError(f"logits and labels shapes differ: {logits.shape} vs {labels.shape}")
+    p = jax.nn.sigmoid(logits.astype(jnp.float32)).reshape(logits.shape[0], -1)
+    z = labels.astype(jnp.float32).reshape(labels.shape[0], -1)
+    dice = (2 * jnp.sum(p * z, axis=1) + smooth) / (
+        jnp.sum(p, axis=1) + jnp.sum(z, axis=1) + smooth
+    )
+    return jnp.mean(1.0 - dice)

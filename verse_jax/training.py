@@ -196,15 +196,25 @@ def make_scn_loss(
     return loss_fn
 
 
-def make_seg_loss(apply_fn, *, weight_decay: float = 1e-6):
-    """Stage 3 loss: mean sigmoid cross-entropy of `label (B, x, y, z, 1)` + weight decay."""
+def make_seg_loss(apply_fn, *, weight_decay: float = 1e-6, dice_weight: float = 0.0):
+    """Stage 3 loss: mean sigmoid cross-entropy of `label (B, x, y, z, 1)` + weight decay.
+
+    `dice_weight` > 0 adds `dice_weight * losses.soft_dice_loss` (not in the paper, which uses the
+    cross-entropy alone; the demo presets use it so that the small network leaves the all-background
+    answer within the first hundred steps).
+    """
 
     def loss_fn(params, sigmas, batch, rng):
         del sigmas
         logits = apply_fn({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
         data = losses.sigmoid_cross_entropy(logits, batch["label"])
         reg = losses.weight_decay(params, weight_decay)
-        return data + reg, {"loss_xent": data, "loss_reg": reg}
+        terms = {"loss_xent": data, "loss_reg": reg}
+        if dice_weight > 0:
+            dice = losses.soft_dice_loss(logits, batch["label"])
+            terms["loss_dice"] = dice
+            data = data + dice_weight * dice
+        return data + reg, terms
 
     return loss_fn
 

@@ -39,6 +39,19 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.data.crop_size = (96, 96, 128)
     c.data.smoothing_mm = 0.75
     c.data.augment = True
+    # Half-widths of the uniform augmentation draws (verse_jax.augmentation.AugmentRanges); the
+    # defaults are the paper's (REFERENCE §3.3-3.4), the demo presets narrow them.
+    c.data.aug = ml_collections.ConfigDict(
+        {
+            "translation_mm": 30.0,
+            "rotation_rad": 0.25,
+            "scale_iso": 0.15,
+            "scale_axes": 0.15,
+            "displacement_mm": 25.0,
+            "intensity_shift": 0.25,
+            "intensity_scale": 0.25,
+        }
+    )
     c.data.worker_count = 0  # Grain worker processes (0: in the training process)
 
     c.model = ml_collections.ConfigDict()

@@ -22,6 +22,7 @@ def get_config(arg=None):
     c = base_config("seg", preset)
     c.optim.weight_decay = 1e-6
     c.optim.clip_norm = 1.0
+    c.optim.dice_weight = 0.0  # soft Dice term added to the cross-entropy (paper: none)
     if preset == "paper":
         c.data.spacing_mm, c.data.crop_size, c.data.smoothing_mm = 1.0, (128, 128, 96), 0.75
         c.model.preset = "paper"
