@@ -65,6 +65,8 @@ def train_and_evaluate(config, workdir) -> training.TrainState:
             apply, weight_decay=o.weight_decay, sigma_weight=o.sigma_weight, scale=o.heatmap_scale
         ),
         make_evaluate=make_evaluate,
+        select=("id_rate", "max"),
+        tie_break=("mean_distance_mm", "min"),
         sigmas=np.asarray(initial_sigmas(config.data.num_landmarks, o.sigma_init)),
     )
     return common.run(config, workdir, stage)

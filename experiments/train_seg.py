@@ -52,6 +52,7 @@ def train_and_evaluate(config, workdir) -> training.TrainState:
             apply, weight_decay=config.optim.weight_decay
         ),
         make_evaluate=make_evaluate,
+        select=("dice", "max"),
     )
     return common.run(config, workdir, stage)
 

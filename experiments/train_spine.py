@@ -56,6 +56,7 @@ def train_and_evaluate(config, workdir) -> training.TrainState:
             apply, weight_decay=o.weight_decay, sigma_vox=o.heatmap_sigma
         ),
         make_evaluate=make_evaluate,
+        select=("spine_xy_mm", "min"),
     )
     return common.run(config, workdir, stage)
 
