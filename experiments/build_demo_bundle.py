@@ -50,17 +50,17 @@ def _stage_json(export_dir: Path) -> dict:
     return json.loads((export_dir / "stage.json").read_text())
 
 
-def train_stage(name: str, runs: Path) -> Path:
-    """The workdir of the finished demo training of `name` (trained or resumed here if needed)."""
+def train_stage(name: str, runs: Path, preset: str = "demo") -> Path:
+    """The workdir of the finished training of `name` (trained or resumed here if needed)."""
     module, configs = STAGES[name]
-    config = configs.get_config("demo")
-    workdir = runs / f"{name}-demo"
+    config = configs.get_config(preset)
+    workdir = runs / f"{name}-{preset}"
     saved = workdir / "config.json"
     if saved.is_file() and json.loads(saved.read_text()) != json.loads(
         config.to_json_best_effort(sort_keys=True)
     ):
         raise SystemExit(
-            f"{workdir} holds a training of another config than {name}.py:demo; "
+            f"{workdir} holds a training of another config than {name}.py:{preset}; "
             "remove it or pass --runs with another folder"
         )
     last = workdir / "export-last"
@@ -74,13 +74,13 @@ def train_stage(name: str, runs: Path) -> Path:
     return workdir
 
 
-def stage_record(name: str, workdir: Path) -> dict:
+def stage_record(name: str, workdir: Path, preset: str = "demo") -> dict:
     """The bundle metadata of one stage: what its best export holds and how it was trained."""
-    config = STAGES[name][1].get_config("demo")
+    config = STAGES[name][1].get_config(preset)
     best, last = _stage_json(workdir / "export")["extra"], _stage_json(workdir / "export-last")
     keys = ("step", "selected", "metric", "mode", "tie_break", "val")
     return {
-        "preset": "demo",
+        "preset": preset,
         **{k: best[k] for k in keys if k in best},
         "num_steps": int(config.train.num_steps),
         "last_step_val": last["extra"].get("val"),
@@ -142,9 +142,10 @@ def build_placeholder(out: Path) -> Path:
         return write_shipped({s: random / s for s in STAGES}, out, extra)
 
 
-def build_trained(out: Path, runs: Path) -> Path:
-    workdirs = {name: train_stage(name, runs) for name in STAGES}
-    records = {name: stage_record(name, workdir) for name, workdir in workdirs.items()}
+def build_trained(out: Path, runs: Path, preset: str = "demo") -> Path:
+    """Trains (or reuses) `<runs>/<stage>-<preset>` and writes their best exports to `out`."""
+    workdirs = {name: train_stage(name, runs, preset) for name in STAGES}
+    records = {name: stage_record(name, w, preset) for name, w in workdirs.items()}
     extra = {
         "trained": True,
         "description": DESCRIPTION,
@@ -163,13 +164,16 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default="runs", help="folder of the workdirs (default runs)")
     parser.add_argument("--out", default=str(demo.SHIPPED_BUNDLE), help="bundle folder to write")
     parser.add_argument("--placeholder", action="store_true", help="random weights, untrained")
+    parser.add_argument(
+        "--preset", default="demo", help="config preset (default demo; tests: smoke)"
+    )
     args = parser.parse_args(argv)
     common.setup_logging()
     out = Path(args.out)
     if args.placeholder:
         build_placeholder(out)
     else:
-        build_trained(out, Path(args.runs))
+        build_trained(out, Path(args.runs), args.preset)
     sizes = {p.relative_to(out): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     for path, size in sizes.items():
         log.info("%8.1f KiB  %s", size / 1024, path)

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from experiments import common, train_scn, train_seg, train_spine  # noqa: E402
+from experiments import build_demo_bundle, common, train_scn, train_seg, train_spine  # noqa: E402
 from experiments.configs import scn, seg, spine  # noqa: E402
 from experiments.selection import Best, Selection, rank, rank_fn  # noqa: E402
 from verse_jax import bundle, checkpoint, phantoms, training  # noqa: E402
@@ -252,3 +252,66 @@ def test_command_line(phantom_root, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "validation at step 1" in out.stderr
     assert (tmp_path / "export" / "stage.json").is_file()
+
+
+def test_build_demo_bundle_from_finished_workdirs(tmp_path):
+    """Finished workdirs are reused (no training); the bundle holds their best exports as
+    float16, with the training figures in bundle.json."""
+    random = bundle.random_bundle(tmp_path / "random")
+    for offset, name in enumerate(bundle.STAGES):
+        config = SCRIPTS[name][1].get_config("smoke")
+        workdir = tmp_path / "runs" / f"{name}-smoke"
+        workdir.mkdir(parents=True)
+        common.write_config(config, workdir)
+        stage = bundle.load_stage(random / name)
+        for folder, extra in {
+            "export": {
+                "step": 1,
+                "selected": "best",
+                "metric": "m",
+                "mode": "max",
+                "val": {"m": 0.5 + offset},
+            },
+            "export-last": {
+                "step": 2,
+                "selected": "last",
+                "val": {"m": 0.25},
+                "train_seconds": 10.0 + offset,
+            },
+        }.items():
+            bundle.export_stage(
+                workdir / folder,
+                stage=name,
+                factory=stage.factory,
+                factory_kwargs=stage.factory_kwargs,
+                params=stage.params,
+                grid=stage.grid,
+                num_landmarks=stage.num_landmarks,
+                input_channels=stage.input_channels,
+                sigmas=stage.sigmas,
+                extra=extra,
+            )
+    out = tmp_path / "shipped"
+    args = ["--runs", str(tmp_path / "runs"), "--out", str(out), "--preset", "smoke"]
+    assert build_demo_bundle.main(args) == 0
+    shipped = bundle.load_bundle(out)
+    extra = shipped.extra
+    assert extra["trained"] is True and extra["total_train_seconds"] == 33.0
+    assert extra["git_commit"] and extra["params_dtype"] == "float16" and extra["created"]
+    for offset, name in enumerate(bundle.STAGES):
+        record = extra["stages"][name]
+        assert (record["step"], record["val"], record["last_step_val"]) == (
+            1,
+            {"m": 0.5 + offset},
+            {"m": 0.25},
+        )
+        assert (
+            record["num_steps"] == 2
+            and record["seed"] == 0
+            and record["config"]["preset"] == "smoke"
+        )
+        assert json.loads((out / name / "stage.json").read_text())["params_dtype"] == "float16"
+        assert getattr(shipped, name).extra["step"] == 1
+    (tmp_path / "runs" / "scn-smoke" / "config.json").write_text('{"other": 1}')
+    with pytest.raises(SystemExit, match="another config"):
+        build_demo_bundle.main(args)
