@@ -150,7 +150,7 @@ def _scripted_stage(config):
 def test_best_export_and_checkpoint_survive_resume(phantom_root, tmp_path, caplog):
     """Best at step 2 of 6: `export` holds step 2 (also after a stop at 4 and a resume), orbax
     keeps checkpoint 2 beside the newest (max_to_keep 1), `export-last` holds step 6."""
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="verse_jax.training")  # cli tests quieten verse_jax
     config = _smoke_config("spine", phantom_root, num_steps=6, max_to_keep=1, log_every=2)
     straight = tmp_path / "straight"
     common.run(config, straight, _scripted_stage(config))
