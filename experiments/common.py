@@ -3,13 +3,18 @@
 A stage script describes only what differs (`Stage`: network factory, loss, validation) and calls
 `run(config, workdir, stage)`, which writes `config.json`, builds the mesh and the Grain pipeline,
 initialises or resumes from `<workdir>/checkpoints`, runs `verse_jax.training.fit` and exports the
-stage for inference to `<workdir>/export` (at every checkpoint and at the end).
+stage for inference twice: `<workdir>/export` holds the step that is best on the stage's validation
+metric (`Stage.select`, see `experiments/selection.py`; rewritten whenever a validation improves
+on it) and `<workdir>/export-last` the last step (at every checkpoint and at the end). Without
+validation cases both hold the last step. A resumed run takes the best so far from `export`.
 """
 
 import dataclasses
+import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from experiments.selection import Best, Selection, checkpoint_metrics, rank_fn
 from verse_jax import bundle, checkpoint, data, io, phantoms, samples, training
 from verse_jax.augmentation import AugmentRanges
 from verse_jax.geometry import Volume
@@ -55,6 +61,8 @@ class Stage:
         make_loss: `model.apply -> loss_fn` (`verse_jax.training.make_*_loss` with config values).
         make_evaluate: `Context -> (TrainState -> {metric: float})` on the validation cases.
         sigmas: (K,) initial learnable sigmas (SCN) or None.
+        select: `(metric, "max"|"min")`: the validation value that picks the exported step.
+        tie_break: a second `(metric, mode)` for equal values of the first.
     """
 
     factory: str
@@ -62,6 +70,11 @@ class Stage:
     make_loss: Callable[[Callable], training.LossFn]
     make_evaluate: Callable[[Context], Callable[[training.TrainState], dict]]
     sigmas: np.ndarray | None = None
+    select: tuple[str, str] | None = None
+    tie_break: tuple[str, str] | None = None
+
+    def selection(self) -> Selection | None:
+        return None if self.select is None else Selection(*self.select, self.tie_break)
 
 
 def build_optimizer(optim: ml_collections.ConfigDict):
@@ -197,9 +210,9 @@ def _init_params(model, config, key):
     return init(key)["params"]
 
 
-def _export(state, config, workdir: Path, stage: Stage, extra: dict) -> None:
+def _export(state, config, out_dir: Path, stage: Stage, extra: dict) -> None:
     bundle.export_stage(
-        workdir / "export",
+        out_dir,
         stage=config.stage,
         factory=stage.factory,
         factory_kwargs=stage.factory_kwargs,
@@ -248,7 +261,12 @@ def run(config: ml_collections.ConfigDict, workdir, stage: Stage) -> training.Tr
         shard_count=jax.process_count(),
     )
     iterator = iter(dataset)
-    state, ckpt = _init_or_restore(config, workdir, stage, model, optimizer, mesh, iterator)
+    started = time.perf_counter()
+    selection = stage.selection() if val_ids else None
+    state, ckpt = _init_or_restore(
+        config, workdir, stage, model, optimizer, mesh, iterator, selection
+    )
+    resumed = int(state.step) > 0
     step = training.make_train_step(
         stage.make_loss(model.apply),
         optimizer,
@@ -259,20 +277,52 @@ def run(config: ml_collections.ConfigDict, workdir, stage: Stage) -> training.Tr
         config, root, val_ids, spec, cache_dir, model, mesh, stage.factory, stage.factory_kwargs
     )
     evaluate = stage.make_evaluate(ctx) if val_ids else None
-    last_eval: dict = {}
+    last_eval: dict = {}  # {"step", "values"} of the latest validation
+    best = Best(selection) if selection else None
+    if best is not None and resumed:
+        best = Best.from_export(selection, workdir / "export")
+        log.info("best so far (from %s): %s", workdir / "export", best.describe())
+    seconds_before = _train_seconds(workdir / "export-last") if resumed else 0.0
+
+    def export(s, out_dir, extra):
+        if main_process:
+            seconds = seconds_before + time.perf_counter() - started
+            _export(s, config, out_dir, stage, {**extra, "train_seconds": round(seconds, 1)})
 
     def evaluate_and_keep(s):
-        last_eval.clear()
-        last_eval.update(evaluate(s))
-        return last_eval
+        step, values = int(s.step), dict(evaluate(s))
+        last_eval.update(step=step, values=values)
+        if best is not None and best.offer(step, values):
+            export(
+                s, workdir / "export", {"selected": "best", **selection.describe(), "val": values}
+            )
+        return values
+
+    exported_last: list[int] = []  # step of the latest export-last of this run
 
     def save(s):
-        ckpt.save(s, iterator.get_state())
-        if main_process:
-            _export(s, config, workdir, stage, {"val": dict(last_eval)})
+        step = int(s.step)
+        values = last_eval.get("values") if last_eval.get("step") == step else None
+        ckpt.save(
+            s, iterator.get_state(), None if values is None else checkpoint_metrics(values, step)
+        )
+        export_last(s)
+
+    def export_last(s):
+        extra = {"selected": "last", "val": last_eval.get("values", {})}
+        extra["val_step"] = last_eval.get("step")
+        export(s, workdir / "export-last", extra)
+        exported_last[:] = [int(s.step)]
+        if best is None:  # no validation (or no selection rule): the best is the last
+            export(s, workdir / "export", extra)
 
     t = config.train
-    writer = training.MetricWriter(workdir, total_steps=t.num_steps, start_step=int(state.step))
+    writer = training.MetricWriter(
+        workdir,
+        total_steps=t.num_steps,
+        start_step=int(state.step),
+        eval_note=None if best is None else (lambda: f"best {best.describe()}"),
+    )
     try:
         state = training.fit(
             state,
@@ -287,19 +337,33 @@ def run(config: ml_collections.ConfigDict, workdir, stage: Stage) -> training.Tr
     finally:
         writer.close()
         ckpt.close()
-    if main_process:
-        _export(state, config, workdir, stage, {"val": dict(last_eval)})
+    if exported_last != [int(state.step)]:
+        export_last(state)
+    if best is not None and best.step is None:  # never validated (e.g. resumed at the end)
+        export(state, workdir / "export", {"selected": "last", "val": {}})
     return state
 
 
-def _init_or_restore(config, workdir, stage, model, optimizer, mesh, iterator):
+def _train_seconds(export_dir: Path) -> float:
+    """Training seconds recorded in an export (0 if none): a resumed run adds its own."""
+    path = export_dir / "stage.json"
+    if not path.is_file():
+        return 0.0
+    return float((json.loads(path.read_text()).get("extra") or {}).get("train_seconds") or 0.0)
+
+
+def _init_or_restore(config, workdir, stage, model, optimizer, mesh, iterator, selection=None):
     sigmas = None if stage.sigmas is None else jnp.asarray(stage.sigmas, jnp.float32)
 
     def init():
         params = _init_params(model, config, jax.random.key(config.seed))
         return training.TrainState.create(params, optimizer, sigmas)
 
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.train.max_to_keep)
+    ckpt = checkpoint.Checkpointer(
+        workdir / "checkpoints",
+        max_to_keep=config.train.max_to_keep,
+        rank_fn=None if selection is None else rank_fn(selection),
+    )
     if ckpt.latest_step() is None:
         return training.replicate(init(), mesh), ckpt
     state, data_state = ckpt.restore(training.abstract_like(jax.eval_shape(init), mesh))
@@ -345,9 +409,10 @@ def main(stage_name: str, train_and_evaluate) -> None:
         with logging_redirect_tqdm():
             train_and_evaluate(config, workdir)
         log.info(
-            "done; metrics in %s, export in %s",
+            "done; metrics in %s, best export in %s, last in %s",
             Path(workdir) / "metrics.jsonl",
             Path(workdir) / "export",
+            Path(workdir) / "export-last",
         )
 
     app.run(_main)

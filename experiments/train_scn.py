@@ -8,6 +8,8 @@ Validation runs the inference of stage 2 on every held-out case: the whole colum
 centred on the mean of the ground-truth centroids, so stage 1 is not needed), sliding windows
 merged by max, candidate peaks, the anatomical sequence (exact DP), then the VerSe identification
 rate (20 mm rule) and the mean localisation distance (mm) of the identified landmarks.
+`<workdir>/export` holds the step with the highest identification rate (ties: the smaller
+distance, then the earlier step); `<workdir>/export-last` the last step.
 """
 
 import sys
@@ -50,10 +52,10 @@ def make_evaluate(ctx: common.Context):
     return evaluate
 
 
-def train_and_evaluate(config, workdir) -> training.TrainState:
-    """Trains stage 2 with `config` (experiments/configs/scn.py) into `workdir`."""
+def make_stage(config) -> common.Stage:
+    """The stage of `config` (experiments/configs/scn.py): network, loss, validation."""
     o = config.optim
-    stage = common.Stage(
+    return common.Stage(
         factory="vertebrae_localization_net",
         factory_kwargs={
             "num_landmarks": config.data.num_landmarks,
@@ -65,9 +67,15 @@ def train_and_evaluate(config, workdir) -> training.TrainState:
             apply, weight_decay=o.weight_decay, sigma_weight=o.sigma_weight, scale=o.heatmap_scale
         ),
         make_evaluate=make_evaluate,
+        select=("id_rate", "max"),
+        tie_break=("mean_distance_mm", "min"),
         sigmas=np.asarray(initial_sigmas(config.data.num_landmarks, o.sigma_init)),
     )
-    return common.run(config, workdir, stage)
+
+
+def train_and_evaluate(config, workdir) -> training.TrainState:
+    """Trains stage 2 with `config` (experiments/configs/scn.py) into `workdir`."""
+    return common.run(config, workdir, make_stage(config))
 
 
 if __name__ == "__main__":

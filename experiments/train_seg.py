@@ -6,6 +6,7 @@
 
 Validation: Dice of the thresholded prediction (probability > 0.5) with the vertebra's mask, on
 the crops around every ground-truth centroid of the held-out cases; mean over vertebrae.
+`<workdir>/export` holds the step with the highest mean Dice, `<workdir>/export-last` the last.
 """
 
 import sys
@@ -43,17 +44,22 @@ def make_evaluate(ctx: common.Context):
     return evaluate
 
 
-def train_and_evaluate(config, workdir) -> training.TrainState:
-    """Trains stage 3 with `config` (experiments/configs/seg.py) into `workdir`."""
-    stage = common.Stage(
+def make_stage(config) -> common.Stage:
+    """The stage of `config` (experiments/configs/seg.py): network, loss, validation."""
+    return common.Stage(
         factory="vertebrae_segmentation_net",
         factory_kwargs={"preset": config.model.preset, "conv_impl": config.model.conv_impl},
         make_loss=lambda apply: training.make_seg_loss(
             apply, weight_decay=config.optim.weight_decay, dice_weight=config.optim.dice_weight
         ),
         make_evaluate=make_evaluate,
+        select=("dice", "max"),
     )
-    return common.run(config, workdir, stage)
+
+
+def train_and_evaluate(config, workdir) -> training.TrainState:
+    """Trains stage 3 with `config` (experiments/configs/seg.py) into `workdir`."""
+    return common.run(config, workdir, make_stage(config))
 
 
 if __name__ == "__main__":

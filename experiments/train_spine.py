@@ -6,7 +6,8 @@
 
 Validation runs stage 1 of the inference pipeline (`pipeline.predict_spine`: whole-scan centred
 crop, centre of mass of the positive part of the heatmap) on every held-out case and reports the
-x-y distance (mm) to the mean x, y of the ground-truth centroids.
+x-y distance (mm) to the mean x, y of the ground-truth centroids. `<workdir>/export` holds the
+step with the smallest mean distance (`<workdir>/export-last` the last step).
 """
 
 import sys
@@ -46,18 +47,23 @@ def make_evaluate(ctx: common.Context):
     return evaluate
 
 
-def train_and_evaluate(config, workdir) -> training.TrainState:
-    """Trains stage 1 with `config` (experiments/configs/spine.py) into `workdir`."""
+def make_stage(config) -> common.Stage:
+    """The stage of `config` (experiments/configs/spine.py): network, loss, validation."""
     o = config.optim
-    stage = common.Stage(
+    return common.Stage(
         factory="spine_localization_net",
         factory_kwargs={"preset": config.model.preset, "conv_impl": config.model.conv_impl},
         make_loss=lambda apply: training.make_spine_loss(
             apply, weight_decay=o.weight_decay, sigma_vox=o.heatmap_sigma
         ),
         make_evaluate=make_evaluate,
+        select=("spine_xy_mm", "min"),
     )
-    return common.run(config, workdir, stage)
+
+
+def train_and_evaluate(config, workdir) -> training.TrainState:
+    """Trains stage 1 with `config` (experiments/configs/spine.py) into `workdir`."""
+    return common.run(config, workdir, make_stage(config))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Training scripts and configs: smoke runs of each stage, resume, presets, command line."""
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -15,9 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from experiments import train_scn, train_seg, train_spine  # noqa: E402
+from experiments import build_demo_bundle, common, train_scn, train_seg, train_spine  # noqa: E402
 from experiments.configs import scn, seg, spine  # noqa: E402
-from verse_jax import bundle, phantoms  # noqa: E402
+from experiments.selection import Best, Selection, rank, rank_fn  # noqa: E402
+from verse_jax import bundle, checkpoint, phantoms, training  # noqa: E402
 
 SCRIPTS = {"spine": (train_spine, spine), "scn": (train_scn, scn), "seg": (train_seg, seg)}
 
@@ -102,12 +104,20 @@ def test_spine_and_seg_smoke_runs(stage, phantom_root, tmp_path):
     assert val[key] is None or val[key] >= 0
 
 
+def _export_record(export_dir):
+    """An export's metadata without the wall-clock field, and its parameter bytes."""
+    meta = json.loads((export_dir / "stage.json").read_text())
+    meta["extra"].pop("train_seconds")
+    return meta, (export_dir / "params.msgpack").read_bytes()
+
+
 def test_resume_reaches_the_same_parameters(scn_two_steps, phantom_root, tmp_path):
-    """Two steps, stop, restart with the same workdir to four == four steps in one go."""
+    """Two steps, stop, restart with the same workdir to four == four steps in one go, with the
+    same best and last exports."""
     first_half, _ = scn_two_steps
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(first_half, resumed_dir)
-    config = _smoke_config("scn", phantom_root, num_steps=4, eval_every=0)
+    config = _smoke_config("scn", phantom_root, num_steps=4, eval_every=2)
     resumed = train_scn.train_and_evaluate(config, resumed_dir)
     straight = train_scn.train_and_evaluate(config, tmp_path / "straight")
     assert int(resumed.step) == int(straight.step) == 4
@@ -115,6 +125,89 @@ def test_resume_reaches_the_same_parameters(scn_two_steps, phantom_root, tmp_pat
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     steps = [r["step"] for r in _records(resumed_dir) if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4]
+    for name in ("export", "export-last"):
+        assert _export_record(resumed_dir / name) == _export_record(tmp_path / "straight" / name)
+    best = json.loads((resumed_dir / "export" / "stage.json").read_text())["extra"]
+    assert best["selected"] == "best" and best["metric"] == "id_rate" and best["mode"] == "max"
+    assert best["tie_break"] == ["mean_distance_mm", "min"] and best["step"] in (2, 4)
+    assert bundle.load_stage(resumed_dir / "export-last").extra["step"] == 4
+
+
+SCORES = {2: 0.5, 4: 0.25, 6: float("nan")}  # scripted validation: step 2 is the best
+
+
+def _scripted_stage(config):
+    """The spine smoke stage with a validation that returns SCORES[step] (no model involved)."""
+    return common.Stage(
+        factory="spine_localization_net",
+        factory_kwargs={"preset": config.model.preset, "conv_impl": config.model.conv_impl},
+        make_loss=lambda apply: training.make_spine_loss(apply),
+        make_evaluate=lambda ctx: lambda state: {"score": SCORES[int(state.step)]},
+        select=("score", "max"),
+    )
+
+
+def test_best_export_and_checkpoint_survive_resume(phantom_root, tmp_path, caplog):
+    """Best at step 2 of 6: `export` holds step 2 (also after a stop at 4 and a resume), orbax
+    keeps checkpoint 2 beside the newest (max_to_keep 1), `export-last` holds step 6."""
+    caplog.set_level(logging.INFO, logger="verse_jax.training")  # cli tests quieten verse_jax
+    config = _smoke_config("spine", phantom_root, num_steps=6, max_to_keep=1, log_every=2)
+    straight = tmp_path / "straight"
+    common.run(config, straight, _scripted_stage(config))
+    first = _smoke_config("spine", phantom_root, num_steps=4, max_to_keep=1, log_every=2)
+    resumed = tmp_path / "resumed"
+    common.run(first, resumed, _scripted_stage(first))
+    common.run(config, resumed, _scripted_stage(config))
+    assert "best score 0.5 at step 2" in caplog.text
+    for workdir in (straight, resumed):
+        best = bundle.load_stage(workdir / "export").extra
+        assert (best["step"], best["selected"], best["metric"], best["mode"]) == (
+            2,
+            "best",
+            "score",
+            "max",
+        )
+        assert best["val"] == {"score": 0.5}
+        last = bundle.load_stage(workdir / "export-last").extra
+        assert (last["step"], last["selected"], last["val_step"]) == (6, "last", 6)
+        kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+        assert kept == [2, 6]
+        ckpt = checkpoint.Checkpointer(
+            workdir / "checkpoints", rank_fn=rank_fn(Selection("score", "max"))
+        )
+        assert ckpt.best_step() == 2
+        ckpt.close()
+    for name in ("export", "export-last"):
+        assert _export_record(resumed / name) == _export_record(straight / name)
+
+
+def test_without_validation_the_export_is_the_last_step(phantom_root, tmp_path):
+    root = tmp_path / "no_splits"
+    shutil.copytree(phantom_root / "rawdata", root / "rawdata")
+    shutil.copytree(phantom_root / "derivatives", root / "derivatives")
+    config = _smoke_config("spine", root)
+    train_spine.train_and_evaluate(config, tmp_path / "run")
+    assert _export_record(tmp_path / "run" / "export") == _export_record(
+        tmp_path / "run" / "export-last"
+    )
+    extra = bundle.load_stage(tmp_path / "run" / "export").extra
+    assert (extra["step"], extra["selected"], extra["val"]) == (2, "last", {})
+
+
+def test_selection_rank():
+    sel = Selection("id_rate", "max", ("mean_distance_mm", "min"))
+    better = {"id_rate": 0.8, "mean_distance_mm": 9.0}
+    assert rank(sel, better, 4) > rank(sel, {"id_rate": 0.8, "mean_distance_mm": 10.0}, 2)
+    assert rank(sel, better, 2) > rank(sel, better, 4)  # equal values: the earlier step
+    assert rank(sel, {"id_rate": 0.0}, 9) > rank(sel, {"id_rate": float("nan")}, 1)
+    low = Selection("spine_xy_mm", "min")
+    assert rank(low, {"spine_xy_mm": 3.0}, 5) > rank(low, {"spine_xy_mm": 4.0}, 1)
+    assert rank(low, {"spine_xy_mm": 99.0}, 5) > rank(low, {"spine_xy_mm": None}, 1)
+    best = Best(low)
+    assert best.offer(1, {"spine_xy_mm": 4.0}) and not best.offer(2, {"spine_xy_mm": 4.0})
+    assert best.offer(3, {"spine_xy_mm": 3.0}) and best.step == 3
+    with pytest.raises(ValueError, match="mode"):
+        Selection("dice", "maximum")
 
 
 @pytest.mark.parametrize("stage", ["spine", "scn", "seg"])
@@ -159,3 +252,66 @@ def test_command_line(phantom_root, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "validation at step 1" in out.stderr
     assert (tmp_path / "export" / "stage.json").is_file()
+
+
+def test_build_demo_bundle_from_finished_workdirs(tmp_path):
+    """Finished workdirs are reused (no training); the bundle holds their best exports as
+    float16, with the training figures in bundle.json."""
+    random = bundle.random_bundle(tmp_path / "random")
+    for offset, name in enumerate(bundle.STAGES):
+        config = SCRIPTS[name][1].get_config("smoke")
+        workdir = tmp_path / "runs" / f"{name}-smoke"
+        workdir.mkdir(parents=True)
+        common.write_config(config, workdir)
+        stage = bundle.load_stage(random / name)
+        for folder, extra in {
+            "export": {
+                "step": 1,
+                "selected": "best",
+                "metric": "m",
+                "mode": "max",
+                "val": {"m": 0.5 + offset},
+            },
+            "export-last": {
+                "step": 2,
+                "selected": "last",
+                "val": {"m": 0.25},
+                "train_seconds": 10.0 + offset,
+            },
+        }.items():
+            bundle.export_stage(
+                workdir / folder,
+                stage=name,
+                factory=stage.factory,
+                factory_kwargs=stage.factory_kwargs,
+                params=stage.params,
+                grid=stage.grid,
+                num_landmarks=stage.num_landmarks,
+                input_channels=stage.input_channels,
+                sigmas=stage.sigmas,
+                extra=extra,
+            )
+    out = tmp_path / "shipped"
+    args = ["--runs", str(tmp_path / "runs"), "--out", str(out), "--preset", "smoke"]
+    assert build_demo_bundle.main(args) == 0
+    shipped = bundle.load_bundle(out)
+    extra = shipped.extra
+    assert extra["trained"] is True and extra["total_train_seconds"] == 33.0
+    assert extra["git_commit"] and extra["params_dtype"] == "float16" and extra["created"]
+    for offset, name in enumerate(bundle.STAGES):
+        record = extra["stages"][name]
+        assert (record["step"], record["val"], record["last_step_val"]) == (
+            1,
+            {"m": 0.5 + offset},
+            {"m": 0.25},
+        )
+        assert (
+            record["num_steps"] == 2
+            and record["seed"] == 0
+            and record["config"]["preset"] == "smoke"
+        )
+        assert json.loads((out / name / "stage.json").read_text())["params_dtype"] == "float16"
+        assert getattr(shipped, name).extra["step"] == 1
+    (tmp_path / "runs" / "scn-smoke" / "config.json").write_text('{"other": 1}')
+    with pytest.raises(SystemExit, match="another config"):
+        build_demo_bundle.main(args)

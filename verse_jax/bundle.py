@@ -2,7 +2,10 @@
 
 A stage export is a directory with ``stage.json`` and ``params.msgpack`` (``flax.serialization``
 bytes of the params pytree; the SCN also has ``sigmas.npy``, ``(K,)`` float32). A bundle is a
-directory with ``bundle.json`` and one such directory per stage (``spine``, ``scn``, ``seg``).
+directory with ``bundle.json`` (optional free metadata under ``"extra"``) and one such directory per
+stage (``spine``, ``scn``, ``seg``). Parameters are stored as float32, or as float16 where
+``stage.json`` says ``"params_dtype": "float16"`` (half the size, for shipped bundles); loading
+always gives float32.
 Loading checks format, version and that the stored parameters have exactly the tree structure and
 shapes of the network the config builds (``jax.eval_shape`` of ``model.init``), and raises
 :class:`BundleError` naming the file and the problem otherwise.
@@ -39,6 +42,7 @@ PAPER_GRIDS = {
     "seg": {"spacing_mm": 1.0, "crop_size": (128, 128, 96), "smoothing_mm": 0.75},
 }
 _MAX_LISTED = 6
+_PARAMS_DTYPES = ("float32", "float16")
 
 
 class BundleError(ValueError):
@@ -126,6 +130,7 @@ class Bundle:
     scn: StageModel
     seg: StageModel
     path: Path | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
 
 
 def _factories() -> dict:
@@ -237,6 +242,7 @@ def export_stage(
     input_channels,
     sigmas=None,
     extra=None,
+    params_dtype="float32",
 ) -> Path:
     """Write one stage export (``stage.json``, ``params.msgpack``, SCN ``sigmas.npy``) atomically.
 
@@ -251,6 +257,7 @@ def export_stage(
         input_channels: 1 (spine, SCN) or 2 (segmentation: CT, centroid heatmap).
         sigmas: SCN only, ``(K,)`` heatmap sigmas in voxels of the stage grid.
         extra: free JSON-serialisable metadata (training run, metrics, ...).
+        params_dtype: ``"float32"`` or ``"float16"`` (stored rounded to half precision).
 
     Returns:
         ``Path(out_dir)``.
@@ -268,6 +275,10 @@ def export_stage(
         "input_channels": int(input_channels),
         "extra": dict(extra or {}),
     }
+    if params_dtype not in _PARAMS_DTYPES:
+        raise BundleError(f"{where}: params_dtype must be one of {_PARAMS_DTYPES}")
+    if params_dtype != "float32":
+        meta["params_dtype"] = params_dtype
     params = jax.device_get(_unwrap_params(params))
     model = build_model(factory, meta["network"]["kwargs"])
     _check_params(params, abstract_params(model, meta["grid"]["crop_size"], input_channels), where)
@@ -278,7 +289,7 @@ def export_stage(
         if sigmas.shape != (int(num_landmarks),):
             raise BundleError(f"{where}: sigmas shape {sigmas.shape}, expected ({num_landmarks},)")
     text = json.dumps(meta, indent=2)
-    data = serialization.to_bytes(params)
+    data = serialization.to_bytes(jax.tree.map(lambda a: np.asarray(a, params_dtype), params))
 
     def fill(tmp: Path) -> None:
         (tmp / "stage.json").write_text(text)
@@ -343,6 +354,9 @@ def load_stage(path) -> StageModel:
     except Exception as err:  # msgpack raises several unrelated types on corrupt bytes
         raise BundleError(f"{params_path}: cannot read parameters ({err!r})") from err
     _check_params(params, abstract_params(model, grid.crop_size, input_channels), str(params_path))
+    stored = meta.get("params_dtype", "float32")
+    if stored not in _PARAMS_DTYPES:
+        raise BundleError(f"{meta_path}: params_dtype {stored!r} is not one of {_PARAMS_DTYPES}")
     sigmas = None
     if stage == "scn":
         sigmas_path = path / "sigmas.npy"
@@ -352,7 +366,7 @@ def load_stage(path) -> StageModel:
     return StageModel(
         stage=stage,
         model=model,
-        params=jax.tree.map(jnp.asarray, params),
+        params=jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params),
         grid=grid,
         num_landmarks=num_landmarks,
         input_channels=input_channels,
@@ -379,14 +393,19 @@ def _load_sigmas(path: Path, num_landmarks: int) -> np.ndarray:
     return sigmas
 
 
-def make_bundle(out_dir, *, spine, scn, seg) -> Path:
-    """Copy three stage exports into one bundle directory (atomic); each is checked first."""
+def make_bundle(out_dir, *, spine, scn, seg, extra=None) -> Path:
+    """Copy three stage exports into one bundle directory (atomic); each is checked first.
+
+    ``extra``: free JSON-serialisable metadata stored in ``bundle.json`` (e.g. training figures).
+    """
     sources = {"spine": Path(spine), "scn": Path(scn), "seg": Path(seg)}
     for name, src in sources.items():
         stage = load_stage(src)
         if stage.stage != name:
             raise BundleError(f"{src}: is a {stage.stage!r} stage export, given as {name!r}")
     meta = {"format": BUNDLE_FORMAT, "version": FORMAT_VERSION, "stages": {s: s for s in STAGES}}
+    if extra:
+        meta["extra"] = dict(extra)
 
     def fill(tmp: Path) -> None:
         for name, src in sources.items():
@@ -422,7 +441,10 @@ def load_bundle(path) -> Bundle:
             f"{path}: SCN has {loaded['scn'].num_landmarks} landmarks, "
             f"segmentation stage {loaded['seg'].num_landmarks}"
         )
-    return Bundle(**loaded, path=path)
+    extra = meta.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise BundleError(f"{meta_path}: 'extra' must be an object, got {type(extra).__name__}")
+    return Bundle(**loaded, path=path, extra=extra)
 
 
 def random_params(abstract: Any, seed: int) -> Any:
@@ -446,7 +468,7 @@ def random_params(abstract: Any, seed: int) -> Any:
 
 
 def random_bundle(
-    out_dir, preset="tiny", seed=0, grids=None, num_landmarks=25, network_kwargs=None
+    out_dir, preset="tiny", seed=0, grids=None, num_landmarks=25, network_kwargs=None, extra=None
 ) -> Path:
     """Export a bundle of randomly initialised networks (tests, benchmarks); see random_params.
 
@@ -460,6 +482,7 @@ def random_bundle(
         grids: optional ``{stage: grid dict}`` overriding :data:`PAPER_GRIDS` per stage.
         num_landmarks: K of the SCN and of the bundle.
         network_kwargs: extra factory kwargs for all three networks, e.g. ``{"conv_impl": "lax"}``.
+        extra: metadata for ``bundle.json`` (see :func:`make_bundle`).
     """
     out_dir = Path(out_dir)
     grids = {**PAPER_GRIDS, **(grids or {})}
@@ -487,6 +510,6 @@ def random_bundle(
                 sigmas=np.full((num_landmarks,), 4.0, np.float32) if stage == "scn" else None,
                 extra={"random": True, "seed": seed},
             )
-        return make_bundle(out_dir, **{s: stage_dir / s for s in STAGES})
+        return make_bundle(out_dir, **{s: stage_dir / s for s in STAGES}, extra=extra)
     finally:
         shutil.rmtree(stage_dir, ignore_errors=True)

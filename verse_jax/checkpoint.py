@@ -4,6 +4,10 @@ A checkpoint at step N holds the `TrainState` (params, sigmas, optimizer state, 
 state of the Grain iterator after it yielded N batches, so a run killed at any moment and restarted
 from the latest checkpoint continues the same batch sequence. Orbax writes each step to a
 temporary folder and renames it when complete; a half-written checkpoint is never restored.
+
+With `rank_fn`, checkpoints saved with validation metrics are also ranked (orbax's `best_fn` and a
+`preservation_policy`): the newest `max_to_keep` checkpoints are kept as usual, and so is the best
+one, however old (`best_step()`); the ranking is stored with each checkpoint and survives restarts.
 """
 
 import logging
@@ -46,13 +50,29 @@ class Checkpointer:
         max_to_keep: how many of the newest checkpoints are kept.
         async_save: write files in a background thread (the device-to-host copy is synchronous,
             so the caller may donate the state right after `save`).
+        rank_fn: `metrics -> sortable key`, larger is better (e.g. a tuple); when given, the
+            best checkpoint saved with metrics is kept besides the newest `max_to_keep`.
     """
 
-    def __init__(self, directory, *, max_to_keep: int = 2, async_save: bool = True):
+    def __init__(self, directory, *, max_to_keep: int = 2, async_save: bool = True, rank_fn=None):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
-        )
+        common = dict(create=True, enable_async_checkpointing=async_save)
+        if rank_fn is None:
+            options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **common)
+        else:
+            policies = ocp.checkpoint_managers
+            keep = policies.AnyPreservationPolicy(
+                [
+                    policies.LatestN(n=max_to_keep),
+                    policies.BestN(
+                        get_metric_fn=rank_fn, n=1, keep_checkpoints_without_metrics=False
+                    ),
+                ]
+            )
+            options = ocp.CheckpointManagerOptions(
+                best_fn=rank_fn, best_mode="max", preservation_policy=keep, **common
+            )
+        self._ranked = rank_fn is not None
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data")
         )
@@ -61,14 +81,23 @@ class Checkpointer:
         """Step of the newest complete checkpoint, or None."""
         return self._manager.latest_step()
 
-    def save(self, state, data_state=None) -> None:
-        """Saves `state` (a TrainState) under its own step with the iterator's `get_state()`."""
+    def best_step(self) -> int | None:
+        """Step of the best checkpoint saved with metrics (needs `rank_fn`), or None."""
+        if not self._ranked:
+            return None
+        return self._manager.best_step()
+
+    def save(self, state, data_state=None, metrics: dict | None = None) -> None:
+        """Saves `state` (a TrainState) under its own step with the iterator's `get_state()`.
+
+        `metrics` (JSON-able dict, ranked by `rank_fn`) is stored with the checkpoint when given.
+        """
         step = int(jax.device_get(state.step))
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(_encode_data_state(data_state)),
         )
-        self._manager.save(step, args=args, force=True)
+        self._manager.save(step, args=args, force=True, metrics=metrics if self._ranked else None)
         log.info("checkpoint at step %d -> %s", step, self.directory)
 
     def restore(self, abstract_state, step: int | None = None) -> tuple[Any, Any]:

@@ -1,4 +1,4 @@
-"""Command line: ``verse-jax phantoms / bundle / predict / evaluate / preview / labels``.
+"""Command line: ``verse-jax phantoms / bundle / predict / evaluate / preview / labels / demo``.
 
 Run ``verse-jax <command> -h`` for the options. Exit codes: 0 success, 1 some cases failed,
 2 bad arguments or inputs (missing path, unusable model bundle, unwritable or existing outputs),
@@ -212,8 +212,6 @@ def _write_case_extras(case_id, ct_path, out_dir, image, result, args) -> dict:
 def cmd_predict(args) -> int:
     from tqdm import tqdm
 
-    from verse_jax import bundle
-
     _check_overlap(args.overlap)
     if args.output_type == "dicom-seg":
         from verse_jax import dicom_seg
@@ -224,7 +222,7 @@ def cmd_predict(args) -> int:
             )
     out_dir = Path(args.output)
     _check_output_folder(out_dir)
-    model = bundle.load_bundle(args.model)
+    model = _load_model(args.model)
     _check_overlap(args.overlap, model.scn.grid.crop_size[2])
     inputs = find_inputs(Path(args.input))
     not_dicom = [str(path) for _, path in inputs if not path.is_dir()]
@@ -377,6 +375,53 @@ def cmd_bundle(args) -> int:
     return 0
 
 
+def _load_model(path):
+    """The bundle at ``path`` (the shipped demo model when None); its notice once on stderr."""
+    from verse_jax import demo
+
+    model, notice = demo.load_model(path)
+    if notice:
+        sys.stderr.write(notice + "\n")
+    return model
+
+
+def cmd_demo(args) -> int:
+    from verse_jax import demo
+
+    model = _load_model(args.model)
+    extra = {} if args.max_voxels is None else {"max_voxels": args.max_voxels}
+    result = demo.run_demo(
+        args.out, model, seed=args.seed, fov=args.fov, overlap_z=args.overlap, **extra
+    )
+    if result.failure:
+        sys.stderr.write(f"verse-jax demo: the model found nothing ({result.failure})\n")
+    _write(_format_table([_row(result.scores)]))
+    trained = model.extra.get("trained")
+    state = {True: "trained", False: "UNTRAINED placeholder"}.get(trained, "")
+    _write(f"model: {model.path}" + (f" ({state})" if state else ""))
+    width = max(map(len, result.files))
+    _write("\n".join(f"{name.ljust(width)}  {path}" for name, path in result.files.items()))
+    return 0
+
+
+def _add_demo_parser(sub) -> None:
+    from verse_jax import demo, phantoms
+
+    p = sub.add_parser("demo", help="predict and score one fresh phantom (shipped demo model)")
+    p.add_argument("out", help="output folder")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=demo.DEMO_SEED,
+        help=f"phantom seed (default {demo.DEMO_SEED}, not a training seed)",
+    )
+    p.add_argument("--fov", choices=phantoms.FIELDS_OF_VIEW, help="field of view (default drawn)")
+    p.add_argument("--max-voxels", type=int, help="phantom voxel budget (coarser spacing above)")
+    p.add_argument("--model", help="model bundle folder (default: the shipped demo model)")
+    p.add_argument("--overlap", type=int, default=None, help="SCN window overlap in slices")
+    p.set_defaults(func=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``verse-jax`` argument parser (one sub-command per task)."""
     parser = argparse.ArgumentParser(
@@ -402,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="centroids and vertebra masks for CTs")
     p.add_argument("-i", "--input", required=True, help="CT file, DICOM folder, data set or folder")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--model", required=True, help="model bundle folder")
+    p.add_argument("--model", help="model bundle folder (default: the shipped demo model)")
     p.add_argument("--preview", action="store_true", help="also write <id>_preview.png")
     p.add_argument(
         "--overlap",
@@ -432,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("labels", help="the VerSe label registry: id, name, preview colour")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=cmd_labels)
+    _add_demo_parser(sub)
     return parser
 
 

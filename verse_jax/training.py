@@ -272,9 +272,14 @@ class MetricWriter:
     values as null; eval scalars prefixed `val/`). Progress is a tqdm bar with loss and steps/s
     when `progress` is true (default: stderr is a terminal), plain INFO log lines otherwise.
     Resuming at `start_step` drops records of later steps left by the interrupted run.
+    `eval_note() -> str`, when given, is appended to each validation log line (e.g. the best so
+    far).
     """
 
-    def __init__(self, workdir, *, total_steps: int, start_step: int = 0, progress=None):
+    def __init__(
+        self, workdir, *, total_steps: int, start_step: int = 0, progress=None, eval_note=None
+    ):
+        self._eval_note = eval_note
         self.path = Path(workdir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _drop_records_after(self.path, start_step)
@@ -313,6 +318,8 @@ class MetricWriter:
         record = {f"val/{k}": _jsonable(v) for k, v in scalars.items()}
         self._append({"step": step, "kind": "eval", "time": time.time(), **record})
         text = ", ".join(f"{k} {float(v):.4g}" for k, v in scalars.items())
+        if self._eval_note is not None:
+            text += f"; {self._eval_note()}"
         log.info("validation at step %d: %s", step, text)
         self._last = (self._last[0], time.perf_counter())  # do not count validation in steps/s
 

@@ -1,0 +1,188 @@
+"""Builds the demo model shipped in the package (`verse_jax/demo_bundle`) from the demo trainings.
+
+    python experiments/build_demo_bundle.py                 # train (or reuse) runs/<stage>-demo
+    python experiments/build_demo_bundle.py --placeholder   # random weights, "trained": false
+
+For each stage the demo preset (experiments/configs/<stage>.py:demo) is trained into
+`<runs>/<stage>-demo` unless that workdir already finished it (a stopped run resumes; a workdir of
+another config is an error). The bundle takes each stage's best export (`<workdir>/export`),
+stores its parameters as float16 (the demo SCN is 2.2 MiB as float32, over the 2 MiB file limit
+of the repository) and records in `bundle.json` "extra": `"trained": true`, per stage the step
+held, its validation figures, the selection rule, seeds and training seconds, and the date, git
+commit and total training time.
+"""
+
+import argparse
+import datetime
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the `experiments` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments import common, train_scn, train_seg, train_spine  # noqa: E402
+from experiments.configs import scn, seg, spine  # noqa: E402
+from verse_jax import bundle, demo, phantoms  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = {"spine": (train_spine, spine), "scn": (train_scn, scn), "seg": (train_seg, seg)}
+log = logging.getLogger("experiments")
+DESCRIPTION = (
+    "verse-jax demo model: the three demo presets trained on the built-in synthetic phantoms "
+    "only; not for real scans"
+)
+
+
+def _git() -> dict:
+    def git(*args):
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(status)}
+
+
+def _stage_json(export_dir: Path) -> dict:
+    return json.loads((export_dir / "stage.json").read_text())
+
+
+def train_stage(name: str, runs: Path, preset: str = "demo") -> Path:
+    """The workdir of the finished training of `name` (trained or resumed here if needed)."""
+    module, configs = STAGES[name]
+    config = configs.get_config(preset)
+    workdir = runs / f"{name}-{preset}"
+    saved = workdir / "config.json"
+    if saved.is_file() and json.loads(saved.read_text()) != json.loads(
+        config.to_json_best_effort(sort_keys=True)
+    ):
+        raise SystemExit(
+            f"{workdir} holds a training of another config than {name}.py:{preset}; "
+            "remove it or pass --runs with another folder"
+        )
+    last = workdir / "export-last"
+    if (last / "stage.json").is_file() and _stage_json(last)["extra"]["step"] >= (
+        config.train.num_steps
+    ):
+        log.info("%s: reusing the finished training in %s", name, workdir)
+    else:
+        log.info("%s: training the demo preset into %s", name, workdir)
+        module.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def stage_record(name: str, workdir: Path, preset: str = "demo") -> dict:
+    """The bundle metadata of one stage: what its best export holds and how it was trained."""
+    config = STAGES[name][1].get_config(preset)
+    best, last = _stage_json(workdir / "export")["extra"], _stage_json(workdir / "export-last")
+    keys = ("step", "selected", "metric", "mode", "tie_break", "val")
+    return {
+        "preset": preset,
+        **{k: best[k] for k in keys if k in best},
+        "num_steps": int(config.train.num_steps),
+        "last_step_val": last["extra"].get("val"),
+        "train_seconds": last["extra"].get("train_seconds"),
+        "seed": int(config.seed),
+        "phantom_dataset": {
+            "seed": 0,
+            "num_cases": int(config.data.phantom_cases or phantoms.DEFAULT_NUM_CASES),
+        },
+        "config": json.loads((workdir / "config.json").read_text()),
+    }
+
+
+def write_shipped(exports: dict[str, Path], out: Path, extra: dict) -> Path:
+    """The bundle at `out` from three stage exports, parameters as float16, with `extra`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, src in exports.items():
+            stage = bundle.load_stage(src)
+            bundle.export_stage(
+                Path(tmp) / name,
+                stage=stage.stage,
+                factory=stage.factory,
+                factory_kwargs=stage.factory_kwargs,
+                params=stage.params,
+                grid=stage.grid,
+                num_landmarks=stage.num_landmarks,
+                input_channels=stage.input_channels,
+                sigmas=stage.sigmas,
+                extra=stage.extra,
+                params_dtype="float16",
+            )
+        return bundle.make_bundle(out, **{s: Path(tmp) / s for s in exports}, extra=extra)
+
+
+def build_placeholder(out: Path) -> Path:
+    """Random networks of the demo presets (grids, presets, landmarks), marked untrained."""
+    configs = {name: STAGES[name][1].get_config("demo") for name in STAGES}
+    presets = {c.model.preset for c in configs.values()}
+    if len(presets) != 1:
+        raise SystemExit(f"the demo presets use several network presets {presets}")
+    extra = {
+        "trained": False,
+        "description": "UNTRAINED placeholder of the verse-jax demo model (random weights)",
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **_git(),
+        "params_dtype": "float16",
+        "stages": {name: {"preset": "demo", "random_seed": 0} for name in STAGES},
+        "command": "python experiments/build_demo_bundle.py --placeholder",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        random = bundle.random_bundle(
+            Path(tmp) / "random",
+            preset=presets.pop(),
+            seed=0,
+            grids={name: common.stage_grid(c) for name, c in configs.items()},
+            num_landmarks=configs["scn"].data.num_landmarks,
+            network_kwargs={"conv_impl": configs["spine"].model.conv_impl},
+        )
+        return write_shipped({s: random / s for s in STAGES}, out, extra)
+
+
+def build_trained(out: Path, runs: Path, preset: str = "demo") -> Path:
+    """Trains (or reuses) `<runs>/<stage>-<preset>` and writes their best exports to `out`."""
+    workdirs = {name: train_stage(name, runs, preset) for name in STAGES}
+    records = {name: stage_record(name, w, preset) for name, w in workdirs.items()}
+    extra = {
+        "trained": True,
+        "description": DESCRIPTION,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **_git(),
+        "params_dtype": "float16",
+        "total_train_seconds": round(sum(r["train_seconds"] or 0.0 for r in records.values()), 1),
+        "stages": records,
+        "command": "python experiments/build_demo_bundle.py",
+    }
+    return write_shipped({s: w / "export" for s, w in workdirs.items()}, out, extra)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="runs", help="folder of the workdirs (default runs)")
+    parser.add_argument("--out", default=str(demo.SHIPPED_BUNDLE), help="bundle folder to write")
+    parser.add_argument("--placeholder", action="store_true", help="random weights, untrained")
+    parser.add_argument(
+        "--preset", default="demo", help="config preset (default demo; tests: smoke)"
+    )
+    args = parser.parse_args(argv)
+    common.setup_logging()
+    out = Path(args.out)
+    if args.placeholder:
+        build_placeholder(out)
+    else:
+        build_trained(out, Path(args.runs), args.preset)
+    sizes = {p.relative_to(out): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+    for path, size in sizes.items():
+        log.info("%8.1f KiB  %s", size / 1024, path)
+    log.info("wrote %s: %.2f MB in all", out, sum(sizes.values()) / 1e6)
+    if max(sizes.values()) >= 2 * 2**20 or sum(sizes.values()) >= 5e6:
+        log.error("too large for the repository (each file < 2 MiB, the bundle < 5 MB)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
