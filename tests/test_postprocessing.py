@@ -10,6 +10,7 @@ from verse_jax.postprocessing import (
     best_sequence_dp,
     column_z_range_mm,
     landmark_candidates,
+    anatomical_order,
     largest_component,
     select_landmark_sequence,
 )
@@ -122,6 +123,36 @@ def test_border_overrides_and_front_back_extension():
     assert (seq.first, seq.last, seq.mode) == (0, 7, "sequence")
     assert seq.valid.all()
     np.testing.assert_array_equal(seq.points_mm, points[:, 0])
+
+
+def _t13_candidates(with_t13: bool):
+    """26 landmarks, T9..L3 present 30 mm apart (T13 between T12 and L1 when `with_t13`)."""
+    present = [15, 16, 17, 18] + ([25] if with_t13 else []) + [19, 20, 21]
+    values = np.zeros((26, 2))
+    points = np.zeros((26, 2, 3))
+    valid = np.zeros((26, 2), bool)
+    for rank, k in enumerate(present):
+        values[k] = (0.9, 0.1)
+        points[k, 0, 2] = 390.0 - 30.0 * rank
+        points[k, 1] = (500.0, 0.0, 100.0)
+        valid[k] = True
+    if not with_t13:  # a weak, stray T13 peak below the run threshold
+        values[25, 0], points[25, 0, 2], valid[25, 0] = 0.2, 300.0, True
+    return values, points, valid, present
+
+
+@pytest.mark.parametrize("with_t13", [True, False])
+def test_t13_is_chained_between_t12_and_l1(with_t13):
+    values, points, valid, present = _t13_candidates(with_t13)
+    order = anatomical_order(values, valid)
+    assert (25 in order) == with_t13
+    seq = select_landmark_sequence(values, points, valid, Z_RANGE)
+    assert seq.mode == "sequence"
+    np.testing.assert_array_equal(np.flatnonzero(seq.valid), sorted(present))
+    np.testing.assert_array_equal(seq.points_mm[present], points[present, 0])
+    # in index order T12 -> L1 (60 mm with T13 between) is not admissible: no sequence
+    plain = select_landmark_sequence(values, points, valid, Z_RANGE, order=np.arange(25))
+    assert plain.mode == ("range_maxima" if with_t13 else "sequence")
 
 
 def test_fallbacks():

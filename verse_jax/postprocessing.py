@@ -265,12 +265,35 @@ def _extend(choice, values, points_mm, valid, end, step, min_distance, max_dista
     return end
 
 
+_T12_INDEX, _T13_INDEX = 18, 25
+
+
+def anatomical_order(values, valid, threshold: float = 0.25) -> np.ndarray:
+    """Landmark indices from C1 downwards in which `select_landmark_sequence` walks the spine.
+
+    25 landmarks: 0..24 (C1..L6). 26 landmarks (VerSe'20, T13 = index 25): T13 sits between T12
+    and L1 when its global maximum exceeds `threshold` (the longest-run threshold), so a sequence
+    T12, T13, L1 is one chain of neighbours; otherwise T13 is left out and T12 is followed by L1.
+    (The reference had 25 landmarks; in index order T13 would come after L6 and a T13 case could
+    never be chained.)
+    """
+    values, valid = np.asarray(values), np.asarray(valid, bool)
+    num = values.shape[0]
+    standard = np.arange(min(num, _T13_INDEX))
+    if num <= _T13_INDEX or not (valid[_T13_INDEX, 0] and values[_T13_INDEX, 0] > threshold):
+        return standard
+    return np.concatenate(
+        [standard[: _T12_INDEX + 1], [_T13_INDEX], standard[_T12_INDEX + 1 :]]
+    ).astype(np.int64)
+
+
 def select_landmark_sequence(
     values,
     points_mm,
     valid,
     z_range_mm: tuple[float, float],
     *,
+    order=None,
     min_landmark_value_for_longest_sequence: float = 0.25,
     min_landmark_value_for_best_border_index: float = 0.5,
     border_distance_for_best_index_mm: float = 30.0,
@@ -293,14 +316,23 @@ def select_landmark_sequence(
        of first..last ("range_maxima").
     5. Extension at the front and back (value > 0.25, (15, 35) mm, z order; see `_extend`).
 
+    The steps walk the landmarks in `order` (default `anatomical_order`: index order, with T13
+    between T12 and L1 when its heatmap has a peak); landmarks outside the order are never chosen.
+
     Args:
         values, points_mm, valid: candidates (K, M), (K, M, 3) LPS mm, (K, M); slot 0 = global max.
         z_range_mm: (bottom, top) world z of the column (`column_z_range_mm`).
+        order: landmark indices from top to bottom; None: `anatomical_order(values, valid)`.
         border_distance_for_best_index_mm: the reference's 15 voxels at 2 mm.
         search: `best_sequence_dp` or `best_sequence_brute_force`.
         Other keyword arguments: the reference's names and defaults (distances in mm).
     """
     values, points_mm, valid = _as_candidate_arrays(values, points_mm, valid)
+    num_landmarks = values.shape[0]
+    if order is None:
+        order = anatomical_order(values, valid, min_landmark_value_for_longest_sequence)
+    order = np.asarray(order, np.int64)
+    values, points_mm, valid = values[order], points_mm[order], valid[order]
     has_max = valid[:, 0]
     global_values = np.where(has_max, values[:, 0], _NEG_INF)
     global_z = np.where(has_max, points_mm[:, 0, 2], np.nan)
@@ -314,7 +346,9 @@ def select_landmark_sequence(
     choice = np.full(values.shape[0], -1, np.int64)
     if first == -1 or last == -1 or first > last:
         choice[has_max] = 0
-        return _sequence(choice, values, points_mm, -1, -1, "all_maxima")
+        return _reorder(
+            _sequence(choice, values, points_mm, -1, -1, "all_maxima"), order, num_landmarks
+        )
     span = slice(first, last + 1)
     slots, _ = search(
         values[span],
@@ -332,7 +366,20 @@ def select_landmark_sequence(
     )
     first = _extend(choice, values, points_mm, valid, first, -1, *append)
     last = _extend(choice, values, points_mm, valid, last, 1, *append)
-    return _sequence(choice, values, points_mm, first, last, mode)
+    return _reorder(_sequence(choice, values, points_mm, first, last, mode), order, num_landmarks)
+
+
+def _reorder(sequence: LandmarkSequence, order: np.ndarray, num: int) -> LandmarkSequence:
+    """A sequence found over landmarks `order` back in landmark index order (K = `num`)."""
+    choice = np.full(num, -1, np.int64)
+    choice[order] = sequence.choice
+    points = np.zeros((num, 3))
+    points[order] = sequence.points_mm
+    values = np.zeros(num)
+    values[order] = sequence.values
+    first = int(order[sequence.first]) if sequence.first >= 0 else -1
+    last = int(order[sequence.last]) if sequence.last >= 0 else -1
+    return LandmarkSequence(choice, choice >= 0, points, values, first, last, sequence.mode)
 
 
 def _sequence(choice, values, points_mm, first, last, mode) -> LandmarkSequence:
