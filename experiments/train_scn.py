@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the `experiments` package
 import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
-from verse_jax import metrics, pipeline, training  # noqa: E402
+from verse_jax import metrics, pipeline, stages, training  # noqa: E402
 from verse_jax.models import initial_sigmas  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def train_and_evaluate(config, workdir) -> training.TrainState:
     """Trains stage 2 with `config` (experiments/configs/scn.py) into `workdir`."""
     o = config.optim
     stage = common.Stage(
-        factory="vertebrae_localization_net",
+        factory=stages.FACTORIES["scn"],
         factory_kwargs={
             "num_landmarks": config.data.num_landmarks,
             "preset": config.model.preset,

@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the `experiments` package
 import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
-from verse_jax import pipeline, training  # noqa: E402
+from verse_jax import pipeline, stages, training  # noqa: E402
 
 
 def make_evaluate(ctx: common.Context):
@@ -50,7 +50,7 @@ def train_and_evaluate(config, workdir) -> training.TrainState:
     """Trains stage 1 with `config` (experiments/configs/spine.py) into `workdir`."""
     o = config.optim
     stage = common.Stage(
-        factory="spine_localization_net",
+        factory=stages.FACTORIES["spine"],
         factory_kwargs={"preset": config.model.preset, "conv_impl": config.model.conv_impl},
         make_loss=lambda apply: training.make_spine_loss(
             apply, weight_decay=o.weight_decay, sigma_vox=o.heatmap_sigma

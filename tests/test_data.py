@@ -8,16 +8,16 @@ import jax
 import numpy as np
 import pytest
 
-from verse_jax import data, io, preprocessing, samples, stage_cache
+from verse_jax import data, io, preprocessing, samples, stage_cache, stages
 from verse_jax.augmentation import AugmentRanges
 from verse_jax.geometry import Geometry, Volume
 
 LABELS = (20, 21, 22, 23)  # L1-L4
 RANGES = AugmentRanges(translation_mm=4.0, displacement_mm=3.0)
 SPECS = {
-    "spine": stage_cache.StageSpec("spine", 4.0, (8, 8, 16), 1.0, augment=RANGES),
-    "scn": stage_cache.StageSpec("scn", 2.0, (12, 12, 16), 0.75, augment=RANGES),
-    "seg": stage_cache.StageSpec(
+    "spine": stages.StageSpec("spine", 4.0, (8, 8, 16), 1.0, augment=RANGES),
+    "scn": stages.StageSpec("scn", 2.0, (12, 12, 16), 0.75, augment=RANGES),
+    "seg": stages.StageSpec(
         "seg", 1.5, (16, 16, 12), 0.75, augment=RANGES, posterior_offset_mm=4.0
     ),
 }

@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy import ndimage
 
-# -1024 HU after the /2048 normalisation: the value of everything outside the scan.
-OUTSIDE_VALUE = -0.5
+from verse_jax.preprocessing import OUTSIDE_NORMALIZED as OUTSIDE_VALUE
 
 
 @dataclasses.dataclass(frozen=True)

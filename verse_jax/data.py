@@ -18,7 +18,8 @@ import numpy as np
 from absl import flags
 
 from verse_jax import io, samples
-from verse_jax.stage_cache import StageSpec, load_stage_case, prepare_stage_cases
+from verse_jax.stage_cache import load_stage_case, prepare_stage_cases
+from verse_jax.stages import StageSpec
 
 NUM_FOLDS = 3
 _FOLD_SEED = 0

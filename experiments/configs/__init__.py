@@ -7,6 +7,8 @@ override (`--config.optim.lr=...`) is an error instead of a silently new field.
 
 import ml_collections
 
+from verse_jax import stages
+
 PRESETS = ("paper", "demo", "smoke")
 
 
@@ -35,9 +37,11 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.data.fold = "all"  # 0|1|2 (three-fold cross-validation over the training cases) or all
     # 25 (VerSe'19); the phantoms, like VerSe'20, have T13 in some cases: 26 (presets below).
     c.data.num_landmarks = 25 if preset == "paper" else 26
-    c.data.spacing_mm = 2.0
-    c.data.crop_size = (96, 96, 128)
-    c.data.smoothing_mm = 0.75
+    # The stage's grid: the paper definition (verse_jax.stages); presets override it.
+    paper = stages.PAPER[stage]
+    c.data.spacing_mm = paper.spacing_mm
+    c.data.crop_size = paper.crop_size
+    c.data.smoothing_mm = paper.smoothing_mm
     c.data.augment = True
     c.data.worker_count = 0  # Grain worker processes (0: in the training process)
 

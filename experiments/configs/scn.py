@@ -20,6 +20,7 @@ smoke: a tiny network for tests, two steps in seconds.
 """
 
 from experiments.configs import apply_smoke, base_config, check_preset
+from verse_jax import stages
 
 
 def get_config(arg=None):
@@ -33,8 +34,9 @@ def get_config(arg=None):
     # Both heads start near 0 (paper: truncated normal 0.001), so their product starts at a
     # saddle that SGD leaves only after thousands of steps; the demo starts further out.
     c.model.head_init_std = 0.001
+    # Landmark mask margin at the scan's z ends (verse_jax.stages.StageSpec.mask_margin_rule).
+    c.data.mask_margin_rule = stages.SCN_PAPER.mask_margin_rule
     if preset == "paper":
-        c.data.spacing_mm, c.data.crop_size, c.data.smoothing_mm = 2.0, (96, 96, 128), 0.75
         c.model.preset = "paper"
         c.optim.name, c.optim.lr, c.optim.momentum = "sgd_nesterov", 5e-8, 0.99
         c.optim.boundaries, c.optim.scales = (50_000, 75_000), (0.5, 0.1)

@@ -15,6 +15,7 @@ smoke: a tiny network for tests, two steps in seconds.
 """
 
 from experiments.configs import apply_smoke, base_config, check_preset
+from verse_jax import stages
 
 
 def get_config(arg=None):
@@ -22,8 +23,10 @@ def get_config(arg=None):
     c = base_config("seg", preset)
     c.optim.weight_decay = 1e-6
     c.optim.clip_norm = 1.0
+    # Crop centre behind the centroid and the centroid channel's sigma (verse_jax.stages).
+    c.data.posterior_offset_mm = stages.SEG_PAPER.posterior_offset_mm
+    c.data.heatmap_sigma_vox = stages.SEG_PAPER.heatmap_sigma_vox
     if preset == "paper":
-        c.data.spacing_mm, c.data.crop_size, c.data.smoothing_mm = 1.0, (128, 128, 96), 0.75
         c.model.preset = "paper"
         c.optim.name, c.optim.lr = "adam", 1e-4
         c.optim.boundaries, c.optim.scales = (20_000, 40_000), (0.5, 0.1)

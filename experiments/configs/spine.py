@@ -22,7 +22,6 @@ def get_config(arg=None):
     c = base_config("spine", preset)
     c.optim.weight_decay = 5e-4
     c.optim.heatmap_sigma = 3.0  # voxels: spine target Gaussians and their blur
-    c.data.spacing_mm, c.data.crop_size, c.data.smoothing_mm = 8.0, (64, 64, 128), 3.0
     if preset == "paper":
         c.model.preset = "paper"
         c.optim.name, c.optim.lr = "adam", 1e-4
