@@ -125,8 +125,9 @@ def resolve_data(d: ml_collections.ConfigDict) -> tuple[Path, list[str], list[st
         train_ids = data.select_case_ids(root, split=split, fold="all", part="train")
         val_ids = data.select_case_ids(root, split="val") if has_splits else []
     elif fold in ("0", "1", "2"):
-        train_ids = data.select_case_ids(root, split=split, fold=int(fold), part="train")
-        val_ids = data.select_case_ids(root, split=split, fold=int(fold), part="val")
+        fixed = {"fold_file": d.fold_file or None}  # a fixed split instead of the seeded one
+        train_ids = data.select_case_ids(root, split=split, fold=int(fold), part="train", **fixed)
+        val_ids = data.select_case_ids(root, split=split, fold=int(fold), part="val", **fixed)
     else:
         raise ValueError(f"config.data.fold must be 0, 1, 2 or all, got {d.fold!r}")
     cache_dir = Path(d.cache_dir) if d.cache_dir else Path.home() / ".cache/verse-jax/stages"

@@ -5,7 +5,7 @@
         --config.data.root=/data/verse --workdir=runs/spine-paper
 
 Validation runs stage 1 of the inference pipeline (`pipeline.predict_spine`: whole-scan centred
-crop, centre of mass of the positive part of the heatmap) on every held-out case and reports the
+crop, centre of mass of the signed heatmap) on every held-out case and reports the
 x-y distance (mm) to the mean x, y of the ground-truth centroids.
 """
 

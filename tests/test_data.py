@@ -129,6 +129,30 @@ def test_select_case_ids(dataset_root):
         data.select_case_ids(dataset_root, fold=3)
 
 
+def test_fixed_fold_file(dataset_root, tmp_path):
+    folds = {
+        "0": {"train": ["case2", "case0"], "val": ["case1"]},
+        "1": {"train": ["case1"], "val": ["case0", "case2"]},
+    }
+    path = tmp_path / "folds.json"
+    path.write_text(json.dumps(folds))
+    select = lambda fold, part: data.select_case_ids(
+        dataset_root, split="train", fold=fold, part=part, fold_file=path
+    )
+    assert select(0, "train") == ["case0", "case2"] and select(0, "val") == ["case1"]
+    assert select(1, "val") == ["case0", "case2"]
+    with pytest.raises(ValueError, match=r"folds.json: no fold 2 \(has \[0, 1\]\)"):
+        select(2, "train")
+    folds["0"]["val"] = ["case3"]  # in the data set, but not in its "train" split
+    path.write_text(json.dumps(folds))
+    with pytest.raises(ValueError, match=r"fold 0 val names cases not in the data \['case3'\]"):
+        select(0, "val")
+    folds["0"]["val"] = ["case0"]
+    path.write_text(json.dumps(folds))
+    with pytest.raises(ValueError, match=r"both train and val: \['case0'\]"):
+        select(0, "val")
+
+
 @pytest.mark.parametrize("name", ["spine", "scn", "seg"])
 def test_static_shapes_and_formats(dataset_root, cache_dir, name):
     spec = SPECS[name]

@@ -111,6 +111,35 @@ def test_predict_spine_centre_of_mass_and_no_spine(tiny):
         pipeline.predict_spine(volume, _with_output(tiny.spine, -jnp.ones((1,))))
 
 
+class _Shifted(nn.Module):
+    """Outputs the CT channel + 0.45: air slightly negative, tissue positive (a signed map)."""
+
+    @nn.compact
+    def __call__(self, x, *, train):
+        return x + 0.45
+
+
+def test_predict_spine_uses_the_signed_heatmap(tiny):
+    image = _phantom("oblique").image
+    volume = pipeline.stage_volumes(image, {"spine": tiny.spine.grid})["spine"]
+    stage = dataclasses.replace(tiny.spine, model=_Shifted(), params={})
+    spine_mm = pipeline.predict_spine(volume, stage)
+    spec = tiny.spine.spec
+    center = stages.crop_center_vox(spec, volume.geometry.size)
+    x, origin = samples.prediction_input(volume.array, spec, center)
+    heat = x[..., 0].astype(np.float64) + 0.45
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in heat.shape], indexing="ij"), -1)
+    stage_index = index + origin
+    inside = np.all((np.rint(stage_index) >= 0) & (np.rint(stage_index) < volume.geometry.size), -1)
+    assert heat[inside].min() < 0 < heat[inside].max()
+    for weights, close in ((heat, True), (np.maximum(heat, 0), False)):
+        w = np.where(inside, weights, 0.0)
+        com = volume.geometry.index_to_physical(
+            (stage_index * w[..., None]).sum((0, 1, 2)) / w.sum()
+        )
+        assert np.allclose(spine_mm, com, atol=1e-6) == close
+
+
 def test_check_ct_rejects_masks():
     mask = _phantom("RAS").mask
     with pytest.raises(ValueError, match="mask.nii.gz: does not look like a CT"):

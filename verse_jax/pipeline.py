@@ -110,25 +110,26 @@ def predict_spine(volume: Volume, stage: StageModel) -> np.ndarray:
         stage: the spine stage.
 
     Returns:
-        (3,) LPS mm centre of mass of the predicted heatmap over the crop voxels whose nearest
-        stage voxel lies in the scan (only x and y are used downstream).
+        (3,) LPS mm centre of mass of the signed predicted heatmap (as the reference, which takes
+        the centre of mass of the unthresholded heatmap resampled onto the input, §4.5) over the
+        crop voxels whose nearest stage voxel lies in the scan; only x and y are used downstream.
 
     Raises:
-        NoSpineFoundError: the heatmap's weights there do not sum to a positive value.
+        NoSpineFoundError: the heatmap's values there do not sum to a positive value.
     """
     spec = stage.spec
     size = np.asarray(volume.geometry.size)
     center = stages.crop_center_vox(spec, size)
     x, origin_vox = samples.prediction_input(volume.array, spec, center)
     out = stage.apply_fn()(jnp.asarray(x)[None])
-    heatmap = np.maximum(np.asarray(out[0, ..., 0], np.float64), 0.0)
+    heatmap = np.asarray(out[0, ..., 0], np.float64)
     grids = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in heatmap.shape], indexing="ij")
     position = [np.rint(g + o) for g, o in zip(grids, origin_vox, strict=True)]
     inside = np.all([(p >= 0) & (p < n) for p, n in zip(position, size, strict=True)], axis=0)
     weights = np.where(inside, heatmap, 0.0)
     total = weights.sum()
     if not total > 0:
-        raise NoSpineFoundError("no spine found: the spine heatmap is not positive in the scan")
+        raise NoSpineFoundError("no spine found: the spine heatmap does not sum to > 0 in the scan")
     com_vox = np.array([(g * weights).sum() / total for g in grids])
     return volume.geometry.index_to_physical(com_vox + origin_vox)
 

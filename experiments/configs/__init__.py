@@ -35,6 +35,9 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.data.phantom_cases = 0  # 0: phantoms.default_dataset()'s default number of cases
     c.data.cache_dir = ""  # stage-volume cache; empty: ~/.cache/verse-jax/stages
     c.data.fold = "all"  # 0|1|2 (three-fold cross-validation over the training cases) or all
+    # JSON {"0": {"train": [ids], "val": [ids]}, ...}: fixed folds (e.g. the original's) instead
+    # of the seeded random split; empty: seeded split.
+    c.data.fold_file = ""
     # 25 (VerSe'19); the phantoms, like VerSe'20, have T13 in some cases: 26 (presets below).
     c.data.num_landmarks = 25 if preset == "paper" else 26
     # The stage's grid: the paper definition (verse_jax.stages); presets override it.
