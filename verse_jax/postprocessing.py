@@ -1,6 +1,6 @@
 """Post-processing: landmark candidates, the anatomical label sequence, largest component, fusion.
 
-The label sequence follows the reference's spine post-processing (REFERENCE.md section 5.7) but
+The label sequence follows the reference's spine post-processing (docs/reference.md §5.7) but
 solves its exhaustive search exactly by dynamic programming over the landmark index, so it runs in
 O(K M^2) time for K landmarks with M candidates each instead of O(M^K) (which could hang).
 
@@ -254,7 +254,7 @@ def _best_in_z_range(global_values, global_z, low_mm, high_mm, min_value) -> int
 def _extend(choice, values, points_mm, valid, end, step, min_distance, max_distance, min_value):
     """Appends landmarks beyond `end` in direction `step` (-1 front, +1 back), in place.
 
-    Reproduces the reference's quirk (REFERENCE.md 5.7 step 5): its loop flag is cleared by every
+    Reproduces the reference's quirk (reference §5.7 step 5): its loop flag is cleared by every
     candidate that does not match before a match, so extension goes on only while the matching
     candidate is the first (strongest) one of each new landmark; a later match is still appended,
     then extension stops. A landmark without candidates stops extension (the reference would loop).
@@ -293,7 +293,7 @@ def select_landmark_sequence(
     max_valid_distance_for_front_back_append: float = 35.0,
     search=best_sequence_dp,
 ) -> LandmarkSequence:
-    """The reference's anatomical label sequence (REFERENCE.md 5.7), solved exactly.
+    """The reference's anatomical label sequence (docs/reference.md §5.7), solved exactly.
 
     1. first..last = the longest run of landmarks whose global maximum > 0.25 (ties: last run).
     2. The strongest global maximum (>= 0.5) within 30 mm of the column top (bottom) overrides

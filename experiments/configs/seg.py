@@ -9,7 +9,7 @@ demo: built-in phantoms, demo U-Net (4 levels, 16 filters) at 3 mm on 32 x 32 x 
     the vertebrae, Adam 1e-3, 800 steps. Measured on the shared 2-core CPU (other runs beside it):
     7.6 minutes; validation mean per-vertebra Dice on the held-out phantoms 0 up to step 500
     (5.2 min; the net first predicts background), 0.14 at 600, 0.27 at 800 (7.6 min), rising.
-paper: REFERENCE §6 (submitted model): 1 mm, 128 x 128 x 96, Adam 1e-4 with clip_by_global_norm
+paper: reference §6 (submitted model): 1 mm, 128 x 128 x 96, Adam 1e-4 with clip_by_global_norm
     1.0 (x0.5 after 20k, x0.1 after 40k), 50k steps, weight decay 1e-6, batch 1.
 smoke: a tiny network for tests, two steps in seconds.
 """
