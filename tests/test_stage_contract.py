@@ -200,3 +200,16 @@ def test_definition_round_trip_and_clear_errors(tmp_path):
     (path / "stage.json").write_text(json.dumps(meta))
     with pytest.raises(bundle.BundleError, match="version 3 is not supported"):
         bundle.load_stage(path)
+
+
+def test_landmark_mask_margin_rules():
+    # The original zeroes int(25 * h_z) slices at each z end (25 h_z^2 mm); "mm" zeroes 25 mm.
+    paper = stages.SCN_PAPER
+    assert paper.mask_margin_rule == "slices_per_mm"
+    assert (
+        stages.mask_margin_slices(paper, 3.0) == 75 and stages.mask_margin_slices(paper, 0.8) == 20
+    )
+    mm = dataclasses.replace(paper, mask_margin_rule="mm")
+    assert stages.mask_margin_slices(mm, 3.0) == 8 and stages.mask_margin_slices(mm, 0.8) == 31
+    assert stages.mask_margin_slices(paper, 1.0) == stages.mask_margin_slices(mm, 1.0) == 25
+    assert paper.cache_key() != mm.cache_key()  # the two masks are cached apart

@@ -167,7 +167,7 @@ class StageSpec:
 
 # The paper's stages (reference §4.2, §5.2, §6.2); the network presets are in ``models``.
 SPINE_PAPER = StageSpec("spine", 8.0, (64, 64, 128), 3.0)
-SCN_PAPER = StageSpec("scn", 2.0, (96, 96, 128), 0.75)
+SCN_PAPER = StageSpec("scn", 2.0, (96, 96, 128), 0.75, mask_margin_rule="slices_per_mm")
 SEG_PAPER = StageSpec("seg", 1.0, (128, 128, 96), 0.75)
 PAPER = {"spine": SPINE_PAPER, "scn": SCN_PAPER, "seg": SEG_PAPER}
 # SCN prediction: z windows of a column shorter than a window are padded with this normalised
