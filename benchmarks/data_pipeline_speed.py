@@ -36,20 +36,20 @@ import numpy as np
 import SimpleITK as sitk
 
 from verse_jax import augmentation as aug
-from verse_jax import data, io, phantoms, samples, stage_cache
+from verse_jax import data, io, phantoms, samples, stages
 from verse_jax.geometry import Geometry, Volume
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def stage_specs(quick: bool) -> list[stage_cache.StageSpec]:
+def stage_specs(quick: bool) -> list[stages.StageSpec]:
     if not quick:
-        return [stage_cache.SPINE_PAPER, stage_cache.SCN_PAPER, stage_cache.SEG_PAPER]
+        return [stages.SPINE_PAPER, stages.SCN_PAPER, stages.SEG_PAPER]
     ranges = aug.AugmentRanges(translation_mm=10.0, displacement_mm=8.0)
     return [
-        stage_cache.StageSpec("spine", 16.0, (16, 16, 32), 3.0, augment=ranges),
-        stage_cache.StageSpec("scn", 8.0, (24, 24, 32), 1.0, augment=ranges),
-        stage_cache.StageSpec("seg", 4.0, (24, 24, 16), 1.0, augment=ranges),
+        stages.StageSpec("spine", 16.0, (16, 16, 32), 3.0, augment=ranges),
+        stages.StageSpec("scn", 8.0, (24, 24, 32), 1.0, augment=ranges),
+        stages.StageSpec("seg", 4.0, (24, 24, 16), 1.0, augment=ranges),
     ]
 
 

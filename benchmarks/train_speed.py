@@ -151,7 +151,7 @@ def build(stage: str, preset: str, root: Path, cache_dir: Path, conv_impl: str |
         device_transform=samples.make_device_transform(spec),
         learning_rate_fn=schedule,
     )
-    shape = (1, *spec.crop_size, bundle.STAGE_CHANNELS[stage])
+    shape = (1, *spec.crop_size, spec.input_channels)
     init = jax.jit(lambda k: model.init(k, jnp.zeros(shape, jnp.float32), train=False))
     params = init(jax.random.key(config.seed))["params"]
     sigmas = None if parts.sigmas is None else jnp.asarray(parts.sigmas, jnp.float32)

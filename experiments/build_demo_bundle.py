@@ -101,13 +101,9 @@ def write_shipped(exports: dict[str, Path], out: Path, extra: dict) -> Path:
             stage = bundle.load_stage(src)
             bundle.export_stage(
                 Path(tmp) / name,
-                stage=stage.stage,
-                factory=stage.factory,
+                spec=stage.spec,
                 factory_kwargs=stage.factory_kwargs,
                 params=stage.params,
-                grid=stage.grid,
-                num_landmarks=stage.num_landmarks,
-                input_channels=stage.input_channels,
                 sigmas=stage.sigmas,
                 extra=stage.extra,
                 params_dtype="float16",
@@ -116,7 +112,7 @@ def write_shipped(exports: dict[str, Path], out: Path, extra: dict) -> Path:
 
 
 def build_placeholder(out: Path) -> Path:
-    """Random networks of the demo presets (grids, presets, landmarks), marked untrained."""
+    """Random networks of the demo presets (stage definitions, presets), marked untrained."""
     configs = {name: STAGES[name][1].get_config("demo") for name in STAGES}
     presets = {c.model.preset for c in configs.values()}
     if len(presets) != 1:
@@ -135,7 +131,7 @@ def build_placeholder(out: Path) -> Path:
             Path(tmp) / "random",
             preset=presets.pop(),
             seed=0,
-            grids={name: common.stage_grid(c) for name, c in configs.items()},
+            grids={name: common.stage_spec(c) for name, c in configs.items()},
             num_landmarks=configs["scn"].data.num_landmarks,
             network_kwargs={"conv_impl": configs["spine"].model.conv_impl},
         )

@@ -27,10 +27,11 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from experiments.selection import Best, Selection, checkpoint_metrics, rank_fn
-from verse_jax import bundle, checkpoint, data, io, phantoms, samples, training
+from verse_jax import bundle, checkpoint, data, io, phantoms, samples, stages, training
 from verse_jax.augmentation import AugmentRanges
 from verse_jax.geometry import Volume
-from verse_jax.stage_cache import StageSpec, load_stage_case, prepare_stage_cases
+from verse_jax.stage_cache import load_stage_case, prepare_stage_cases
+from verse_jax.stages import StageSpec
 
 log = logging.getLogger("experiments")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -56,7 +57,7 @@ class Stage:
     """What differs between the stages.
 
     Attributes:
-        factory: network factory name (`verse_jax.bundle.STAGE_FACTORIES`).
+        factory: network factory name (`verse_jax.stages.FACTORIES`).
         factory_kwargs: its keyword arguments, from the config.
         make_loss: `model.apply -> loss_fn` (`verse_jax.training.make_*_loss` with config values).
         make_evaluate: `Context -> (TrainState -> {metric: float})` on the validation cases.
@@ -94,17 +95,18 @@ def build_optimizer(optim: ml_collections.ConfigDict):
     return optimizer, schedule
 
 
+# Stage definition fields a config may set in `config.data` (besides the grid, K and augment).
+_SPEC_FIELDS = ("posterior_offset_mm", "heatmap_sigma_vox", "mask_margin_rule")
+
+
 def stage_spec(config: ml_collections.ConfigDict) -> StageSpec:
-    """The data module's stage settings from `config.data`."""
+    """The stage definition (`verse_jax.stages`): the paper's, with the grid, K, augmentation and
+    the definition fields of `config.data`."""
     d = config.data
     ranges = AugmentRanges(**d.aug.to_dict()) if d.augment else AugmentRanges.none()
-    return StageSpec(
-        config.stage,
-        float(d.spacing_mm),
-        tuple(d.crop_size),
-        float(d.smoothing_mm),
-        num_landmarks=d.num_landmarks,
-        augment=ranges,
+    fields = {name: d[name] for name in _SPEC_FIELDS if name in d}
+    return stages.with_grid(
+        config.stage, stage_grid(config), d.num_landmarks, augment=ranges, **fields
     )
 
 
@@ -136,8 +138,9 @@ def resolve_data(d: ml_collections.ConfigDict) -> tuple[Path, list[str], list[st
         train_ids = data.select_case_ids(root, split=split, fold="all", part="train")
         val_ids = data.select_case_ids(root, split="val") if has_splits else []
     elif fold in ("0", "1", "2"):
-        train_ids = data.select_case_ids(root, split=split, fold=int(fold), part="train")
-        val_ids = data.select_case_ids(root, split=split, fold=int(fold), part="val")
+        fixed = {"fold_file": d.fold_file or None}  # a fixed split instead of the seeded one
+        train_ids = data.select_case_ids(root, split=split, fold=int(fold), part="train", **fixed)
+        val_ids = data.select_case_ids(root, split=split, fold=int(fold), part="val", **fixed)
     else:
         raise ValueError(f"config.data.fold must be 0, 1, 2 or all, got {d.fold!r}")
     cache_dir = Path(d.cache_dir) if d.cache_dir else Path.home() / ".cache/verse-jax/stages"
@@ -178,15 +181,10 @@ def stage_volume(case) -> Volume:
 
 def stage_model(ctx: Context, state: training.TrainState) -> bundle.StageModel:
     """The current parameters as the inference pipeline's stage (what `export_stage` would load)."""
-    config = ctx.config
-    grid = stage_grid(config)
     return bundle.StageModel(
-        stage=config.stage,
+        spec=ctx.spec,
         model=ctx.model,
         params=state.params,
-        grid=bundle.StageGrid(grid["spacing_mm"], tuple(grid["crop_size"]), grid["smoothing_mm"]),
-        num_landmarks=config.data.num_landmarks,
-        input_channels=bundle.STAGE_CHANNELS[config.stage],
         factory=ctx.factory,
         factory_kwargs=ctx.factory_kwargs,
         sigmas=None if state.sigmas is None else np.asarray(jax.device_get(state.sigmas)),
@@ -205,7 +203,7 @@ def eval_batches(ctx: Context, *, batch_size: int = 1) -> list[dict]:
 
 
 def _init_params(model, config, key):
-    shape = (1, *config.data.crop_size, bundle.STAGE_CHANNELS[config.stage])
+    shape = (1, *config.data.crop_size, stages.INPUT_CHANNELS[config.stage])
     init = jax.jit(lambda k: model.init(k, jnp.zeros(shape, jnp.float32), train=False))
     return init(key)["params"]
 
@@ -213,13 +211,10 @@ def _init_params(model, config, key):
 def _export(state, config, out_dir: Path, stage: Stage, extra: dict) -> None:
     bundle.export_stage(
         out_dir,
-        stage=config.stage,
+        spec=stage_spec(config),
         factory=stage.factory,
         factory_kwargs=stage.factory_kwargs,
         params=jax.device_get(state.params),
-        grid=stage_grid(config),
-        num_landmarks=config.data.num_landmarks,
-        input_channels=bundle.STAGE_CHANNELS[config.stage],
         sigmas=None if state.sigmas is None else np.asarray(jax.device_get(state.sigmas)),
         extra={"step": int(state.step), "preset": config.preset, **extra},
     )

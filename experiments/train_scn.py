@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the `experiments` package
 import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
-from verse_jax import metrics, pipeline, training  # noqa: E402
+from verse_jax import metrics, pipeline, stages, training  # noqa: E402
 from verse_jax.models import initial_sigmas  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def make_stage(config) -> common.Stage:
     """The stage of `config` (experiments/configs/scn.py): network, loss, validation."""
     o = config.optim
     return common.Stage(
-        factory="vertebrae_localization_net",
+        factory=stages.FACTORIES["scn"],
         factory_kwargs={
             "num_landmarks": config.data.num_landmarks,
             "preset": config.model.preset,

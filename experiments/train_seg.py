@@ -19,7 +19,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
-from verse_jax import metrics, training  # noqa: E402
+from verse_jax import metrics, stages, training  # noqa: E402
 
 
 def make_evaluate(ctx: common.Context):
@@ -47,7 +47,7 @@ def make_evaluate(ctx: common.Context):
 def make_stage(config) -> common.Stage:
     """The stage of `config` (experiments/configs/seg.py): network, loss, validation."""
     return common.Stage(
-        factory="vertebrae_segmentation_net",
+        factory=stages.FACTORIES["seg"],
         factory_kwargs={"preset": config.model.preset, "conv_impl": config.model.conv_impl},
         make_loss=lambda apply: training.make_seg_loss(
             apply, weight_decay=config.optim.weight_decay, dice_weight=config.optim.dice_weight

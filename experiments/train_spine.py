@@ -5,9 +5,9 @@
         --config.data.root=/data/verse --workdir=runs/spine-paper
 
 Validation runs stage 1 of the inference pipeline (`pipeline.predict_spine`: whole-scan centred
-crop, centre of mass of the positive part of the heatmap) on every held-out case and reports the
-x-y distance (mm) to the mean x, y of the ground-truth centroids. `<workdir>/export` holds the
-step with the smallest mean distance (`<workdir>/export-last` the last step).
+crop, centre of mass of the signed heatmap) on every held-out case and reports the x-y distance
+(mm) to the mean x, y of the ground-truth centroids. `<workdir>/export` holds the step with the
+smallest mean distance (`<workdir>/export-last` the last step).
 """
 
 import sys
@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the `experiments` package
 import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
-from verse_jax import pipeline, training  # noqa: E402
+from verse_jax import pipeline, stages, training  # noqa: E402
 
 
 def make_evaluate(ctx: common.Context):
@@ -51,7 +51,7 @@ def make_stage(config) -> common.Stage:
     """The stage of `config` (experiments/configs/spine.py): network, loss, validation."""
     o = config.optim
     return common.Stage(
-        factory="spine_localization_net",
+        factory=stages.FACTORIES["spine"],
         factory_kwargs={"preset": config.model.preset, "conv_impl": config.model.conv_impl},
         make_loss=lambda apply: training.make_spine_loss(
             apply, weight_decay=o.weight_decay, sigma_vox=o.heatmap_sigma

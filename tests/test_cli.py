@@ -132,11 +132,14 @@ def test_bad_inputs(model, dataset, tmp_path, capsys):
     shutil.copy(io.find_cases(dataset)[0].image_path, folder / "good.nii.gz")
     (folder / "broken.nii.gz").write_bytes(gzip.compress(b"not a nifti at all" * 20))
     out = tmp_path / "out"
-    code = main(["predict", "-i", str(folder), "-o", str(out), "--model", str(model), "-q"])
+    args = ["predict", "-i", str(folder), "-o", str(out), "--model", str(model), "-q"]
+    code = main([*args, "--centroid-format", "verse19"])
     assert code == 1
     err = capsys.readouterr().err
     assert "FAILED broken" in err and "broken.nii.gz" in err and "good" not in err
     assert (out / "good_seg.nii.gz").is_file() and (out / "good_ctd.json").is_file()
+    entries = json.loads((out / "good_ctd.json").read_text())  # VerSe'19 mm: no direction entry
+    assert entries and all(set(entry) == {"label", "X", "Y", "Z"} for entry in entries)
     assert not (out / "broken_seg.nii.gz").exists()
 
 

@@ -8,16 +8,16 @@ import jax
 import numpy as np
 import pytest
 
-from verse_jax import data, io, preprocessing, samples, stage_cache
+from verse_jax import data, io, preprocessing, samples, stage_cache, stages
 from verse_jax.augmentation import AugmentRanges
 from verse_jax.geometry import Geometry, Volume
 
 LABELS = (20, 21, 22, 23)  # L1-L4
 RANGES = AugmentRanges(translation_mm=4.0, displacement_mm=3.0)
 SPECS = {
-    "spine": stage_cache.StageSpec("spine", 4.0, (8, 8, 16), 1.0, augment=RANGES),
-    "scn": stage_cache.StageSpec("scn", 2.0, (12, 12, 16), 0.75, augment=RANGES),
-    "seg": stage_cache.StageSpec(
+    "spine": stages.StageSpec("spine", 4.0, (8, 8, 16), 1.0, augment=RANGES),
+    "scn": stages.StageSpec("scn", 2.0, (12, 12, 16), 0.75, augment=RANGES),
+    "seg": stages.StageSpec(
         "seg", 1.5, (16, 16, 12), 0.75, augment=RANGES, posterior_offset_mm=4.0
     ),
 }
@@ -127,6 +127,30 @@ def test_select_case_ids(dataset_root):
     assert data.select_case_ids(dataset_root, split="train", fold="all", part="val") == []
     with pytest.raises(ValueError, match="fold"):
         data.select_case_ids(dataset_root, fold=3)
+
+
+def test_fixed_fold_file(dataset_root, tmp_path):
+    folds = {
+        "0": {"train": ["case2", "case0"], "val": ["case1"]},
+        "1": {"train": ["case1"], "val": ["case0", "case2"]},
+    }
+    path = tmp_path / "folds.json"
+    path.write_text(json.dumps(folds))
+    select = lambda fold, part: data.select_case_ids(
+        dataset_root, split="train", fold=fold, part=part, fold_file=path
+    )
+    assert select(0, "train") == ["case0", "case2"] and select(0, "val") == ["case1"]
+    assert select(1, "val") == ["case0", "case2"]
+    with pytest.raises(ValueError, match=r"folds.json: no fold 2 \(has \[0, 1\]\)"):
+        select(2, "train")
+    folds["0"]["val"] = ["case3"]  # in the data set, but not in its "train" split
+    path.write_text(json.dumps(folds))
+    with pytest.raises(ValueError, match=r"fold 0 val names cases not in the data \['case3'\]"):
+        select(0, "val")
+    folds["0"]["val"] = ["case0"]
+    path.write_text(json.dumps(folds))
+    with pytest.raises(ValueError, match=r"both train and val: \['case0'\]"):
+        select(0, "val")
 
 
 @pytest.mark.parametrize("name", ["spine", "scn", "seg"])

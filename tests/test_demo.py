@@ -98,7 +98,8 @@ def test_predict_without_model_uses_the_shipped_bundle(monkeypatch, tmp_path, ca
 
 
 def test_shipped_bundle_matches_the_demo_presets():
-    """The shipped bundle loads, is small, says whether it is trained and has the demo grids."""
+    """The shipped bundle loads, is small, says whether it is trained and has the demo presets'
+    stage definitions (grids and the rest)."""
     model, notice = demo.load_model()
     assert model.path == demo.SHIPPED_BUNDLE
     trained = model.extra["trained"]
@@ -113,6 +114,7 @@ def test_shipped_bundle_matches_the_demo_presets():
         assert stage.grid == bundle.StageGrid(
             grid["spacing_mm"], tuple(grid["crop_size"]), grid["smoothing_mm"]
         )
+        assert stage.spec == common.stage_spec(config)
         assert stage.factory_kwargs["preset"] == config.model.preset
         assert stage.num_landmarks == config.data.num_landmarks
         assert (
@@ -130,13 +132,9 @@ def test_float16_params_round_trip(untrained, tmp_path):
     stage = bundle.load_stage(untrained / "seg")
     out = bundle.export_stage(
         tmp_path / "seg16",
-        stage="seg",
-        factory=stage.factory,
+        spec=stage.spec,
         factory_kwargs=stage.factory_kwargs,
         params=stage.params,
-        grid=stage.grid,
-        num_landmarks=stage.num_landmarks,
-        input_channels=stage.input_channels,
         params_dtype="float16",
     )
     half = bundle.load_stage(out)
@@ -153,13 +151,9 @@ def test_float16_params_round_trip(untrained, tmp_path):
     with pytest.raises(bundle.BundleError, match="params_dtype"):
         bundle.export_stage(
             tmp_path / "bad",
-            stage="seg",
-            factory=stage.factory,
+            spec=stage.spec,
             factory_kwargs=stage.factory_kwargs,
             params=stage.params,
-            grid=stage.grid,
-            num_landmarks=stage.num_landmarks,
-            input_channels=stage.input_channels,
             params_dtype="int8",
         )
 

@@ -281,13 +281,9 @@ def test_build_demo_bundle_from_finished_workdirs(tmp_path):
         }.items():
             bundle.export_stage(
                 workdir / folder,
-                stage=name,
-                factory=stage.factory,
+                spec=stage.spec,
                 factory_kwargs=stage.factory_kwargs,
                 params=stage.params,
-                grid=stage.grid,
-                num_landmarks=stage.num_landmarks,
-                input_channels=stage.input_channels,
                 sigmas=stage.sigmas,
                 extra=extra,
             )

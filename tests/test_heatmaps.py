@@ -60,13 +60,23 @@ def test_gaussian_heatmap_gradient_wrt_sigma_is_finite_and_nonzero():
     assert float(grad[1]) == 0.0  # invalid landmark
 
 
+def _windowed_gaussian(point, sigma, shape):
+    """The reference numpy generator, written plainly: exp(...) filled only in the per-axis
+    window int(mu - 2.5 sigma) <= i < int(mu + 2.5 sigma) (Python int truncates toward 0)."""
+    out = np.zeros(shape)
+    box = tuple(slice(max(int(m - 2.5 * sigma), 0), max(int(m + 2.5 * sigma), 0)) for m in point)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    values = np.exp(-np.sum((grid - np.asarray(point)) ** 2, -1) / (2 * sigma**2))
+    out[box] = values[box]
+    return out
+
+
 def test_spine_heatmap_matches_scipy_gaussian_filter():
     points = jnp.array([[5.0, 6.0, 3.5], [6.0, 6.5, 9.0], [7.0, 7.0, 15.0], [0.0, 0.0, 0.0]])
     valid = jnp.array([True, True, True, False])
     h = _spine(points, valid)
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), -1)
     raw = sum(
-        np.exp(-np.sum((grid - np.asarray(p)) ** 2, -1) / (2 * 3.0**2))
+        _windowed_gaussian(np.asarray(p, np.float64), 3.0, SHAPE)
         for p, v in zip(points, valid, strict=True)
         if v
     )
@@ -77,8 +87,11 @@ def test_spine_heatmap_matches_scipy_gaussian_filter():
     np.testing.assert_allclose(unblurred, raw, atol=1e-6)
 
 
+REFERENCE_RULE = {"min_distance_vox": 7.0, "min_max_value": 0.25, "relative_threshold": 0.1}
+
+
 def _candidates(heatmap, **kwargs):
-    return jax.jit(functools.partial(find_candidates, **kwargs))(heatmap)
+    return jax.jit(functools.partial(find_candidates, **(REFERENCE_RULE | kwargs)))(heatmap)
 
 
 def _peaks(shape, points, values):
@@ -129,17 +142,16 @@ def test_find_candidates_vmaps_over_channels():
     a = _peaks((8, 8, 8), [(1, 2, 3)], [1.0])
     b = _peaks((8, 8, 8), [(6, 5, 4)], [2.0])
     heatmaps = jnp.stack([a, b], axis=-1)
-    c = jax.jit(jax.vmap(functools.partial(find_candidates, max_candidates=2), in_axes=-1))(
-        heatmaps
-    )
+    find = functools.partial(find_candidates, max_candidates=2, **REFERENCE_RULE)
+    c = jax.jit(jax.vmap(find, in_axes=-1))(heatmaps)
     assert c.points_vox.shape == (2, 2, 3)
     np.testing.assert_allclose(c.points_vox[:, 0], [[1, 2, 3], [6, 5, 4]])
     with pytest.raises(ValueError, match="heatmap"):
-        find_candidates(heatmaps)
+        find_candidates(heatmaps, **REFERENCE_RULE)
 
 
 def _reference_candidates(h, max_candidates, radius, min_max_value, rel):
-    """Plain numpy version of REFERENCE 5.6 (full-volume sphere zeroing)."""
+    """Plain numpy version of docs/reference.md §5.6 (full-volume sphere zeroing)."""
     h = np.array(h, np.float64)
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in h.shape], indexing="ij"), -1)
     found = []
@@ -175,3 +187,18 @@ def test_find_candidates_matches_a_full_volume_numpy_reference():
     assert int(c.valid.sum()) == len(expected) >= 4
     np.testing.assert_allclose(c.values[: len(expected)], [v for v, _ in expected], rtol=1e-5)
     np.testing.assert_allclose(c.points_vox[: len(expected)], [p for _, p in expected], atol=1e-3)
+
+
+def test_numpy_window_is_the_references_asymmetric_window():
+    # mu = 5.0, sigma = 3: int(-2.5) = -2 -> from 0; int(12.5) = 12 -> voxels 0..11 in x.
+    # mu = 6.5: int(-1.0) = -1 -> 0, int(14.0) = 14 -> 0..13 (clipped at size 12 here).
+    point = jnp.array([[5.0, 6.5, 9.7]])
+    shape = (12, 12, 20)
+    h = gaussian_heatmaps(
+        point, jnp.array([True]), 3.0, shape, scale=1.0, normalize=False, window=2.5
+    )
+    expected = _windowed_gaussian(np.array([5.0, 6.5, 9.7]), 3.0, shape)
+    np.testing.assert_allclose(np.asarray(h[..., 0]), expected, atol=1e-6)
+    # z: int(9.7 - 7.5) = 2 .. int(17.2) = 17 (exclusive): 2.7 sigma below, 2.4 above.
+    assert float(h[5, 6, 1, 0]) == 0.0 and float(h[5, 6, 2, 0]) > 0
+    assert float(h[5, 6, 16, 0]) > 0 and float(h[5, 6, 17, 0]) == 0.0

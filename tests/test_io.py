@@ -253,6 +253,32 @@ def test_centroids_round_trip(tmp_path, name):
     np.testing.assert_allclose(back.points_mm, centroids.points_mm, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("name", DIRECTIONS)
+def test_verse19_centroids_written_read_back(tmp_path, name):
+    geometry = _geometry(name)
+    centroids = _centroids(geometry)
+    path = tmp_path / "verse004_ctd.json"
+    io.write_centroids(path, centroids, geometry, "verse19")
+    entries = json.loads(path.read_text())
+    assert all(set(e) == {"label", "X", "Y", "Z"} for e in entries)  # no direction entry
+    back = io.read_centroids(path, geometry)
+    np.testing.assert_array_equal(back.labels, centroids.labels)
+    np.testing.assert_allclose(back.points_mm, centroids.points_mm, atol=1e-6, rtol=0)
+
+
+def test_verse19_writer_known_answer(tmp_path):
+    # Voxel (2, 3, 4) of an LPS (10, 12, 14) grid, spacing (1, 2, 3): internal mm (2, 6, 12),
+    # X = 14 * 3 - 12 = 30, Y = 6, Z = 2 (the reader's known answer above, the other way).
+    geometry = Geometry((10, 12, 14), (1.0, 2.0, 3.0), (5.0, -6.0, 7.0))
+    point = geometry.index_to_physical(np.array([[2.0, 3.0, 4.0]]))
+    io.write_centroids(tmp_path / "c.json", io.Centroids([20], point), geometry, "verse19")
+    entry = json.loads((tmp_path / "c.json").read_text())[0]
+    assert entry["label"] == 20
+    np.testing.assert_allclose([entry["X"], entry["Y"], entry["Z"]], [30.0, 6.0, 2.0])
+    with pytest.raises(ValueError, match="centroid format must be one of"):
+        io.write_centroids(tmp_path / "d.json", io.Centroids([20], point), geometry, "csv")
+
+
 def test_bids_centroids_known_answer(tmp_path):
     geometry = Geometry((10, 12, 14), (1.0, 2.0, 3.0), (5.0, -6.0, 7.0))
     expected = np.array([5.0 + 2.0, -6.0 + 6.0, 7.0 + 12.0])  # voxel (2, 3, 4)
@@ -274,7 +300,7 @@ def test_bids_centroids_known_answer(tmp_path):
     ],
 )
 def test_verse19_centroids_known_answer(tmp_path, name, json_xyz, offset_mm):
-    # Voxel (2, 3, 4) of a (10, 12, 14) grid with spacing (1, 2, 3). VerSe'19 JSON (REFERENCE 2.2):
+    # Voxel (2, 3, 4) of a (10, 12, 14) grid with spacing (1, 2, 3). VerSe'19 JSON (reference §2.2):
     # in the identity-oriented origin-0 image, x = Z, y = Y, z = S_z * h_z - X (mm).
     geometry = Geometry(
         (10, 12, 14), (1.0, 2.0, 3.0), (5.0, -6.0, 7.0), tuple(DIRECTIONS[name].reshape(-1))

@@ -18,6 +18,8 @@ from verse_jax import (
     pipeline,
     postprocessing,
     preprocessing,
+    samples,
+    stages,
 )
 from verse_jax.bundle import StageGrid
 from verse_jax.geometry import Geometry, Volume
@@ -131,6 +133,35 @@ def test_predict_spine_centre_of_mass_and_no_spine(tiny):
         pipeline.predict_spine(volume, _with_output(tiny.spine, -jnp.ones((1,))))
 
 
+class _Shifted(nn.Module):
+    """Outputs the CT channel + 0.45: air slightly negative, tissue positive (a signed map)."""
+
+    @nn.compact
+    def __call__(self, x, *, train):
+        return x + 0.45
+
+
+def test_predict_spine_uses_the_signed_heatmap(tiny):
+    image = _phantom("oblique").image
+    volume = pipeline.stage_volumes(image, {"spine": tiny.spine.grid})["spine"]
+    stage = dataclasses.replace(tiny.spine, model=_Shifted(), params={})
+    spine_mm = pipeline.predict_spine(volume, stage)
+    spec = tiny.spine.spec
+    center = stages.crop_center_vox(spec, volume.geometry.size)
+    x, origin = samples.prediction_input(volume.array, spec, center)
+    heat = x[..., 0].astype(np.float64) + 0.45
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in heat.shape], indexing="ij"), -1)
+    stage_index = index + origin
+    inside = np.all((np.rint(stage_index) >= 0) & (np.rint(stage_index) < volume.geometry.size), -1)
+    assert heat[inside].min() < 0 < heat[inside].max()
+    for weights, close in ((heat, True), (np.maximum(heat, 0), False)):
+        w = np.where(inside, weights, 0.0)
+        com = volume.geometry.index_to_physical(
+            (stage_index * w[..., None]).sum((0, 1, 2)) / w.sum()
+        )
+        assert np.allclose(spine_mm, com, atol=1e-6) == close
+
+
 def test_check_ct_rejects_masks():
     mask = _phantom("RAS").mask
     with pytest.raises(ValueError, match="mask.nii.gz: does not look like a CT"):
@@ -143,7 +174,8 @@ def test_repeated_cases_do_not_recompile(tiny):
     def cache_sizes():
         return (
             bundle._jitted_apply(tiny.spine.model, None)._cache_size(),
-            pipeline._segment_fn(tiny.seg.model, tiny.seg.grid.crop_size)._cache_size(),
+            bundle._jitted_apply(tiny.seg.model, "sigmoid")._cache_size(),
+            samples._jitted_network_input.cache_info().currsize,
             inference.sliding_window_cache_size(),
             postprocessing._find_per_channel._cache_size(),
         )
@@ -173,11 +205,12 @@ class _Oracle(nn.Module):
             inside = (image > -0.15) & (x[..., 1] > 0.01)  # about halfway from air to bone
             return jnp.where(inside, 10.0, -10.0)[..., None]
         if self.kind == "spine":
-            return _blur((image > 0.05).astype(jnp.float32)[..., None])
+            # Not air: at 8 mm the crop samples the spheres between voxels (half-voxel centre).
+            return _blur((image > -0.35).astype(jnp.float32)[..., None])
         levels = np.zeros(25, np.float32) - 9.0
         levels[17 : 17 + len(LEVELS_HU)] = np.asarray(LEVELS_HU) / 2048.0
         band = jnp.abs(image[..., None] - jnp.asarray(levels)[None, None, None, None]) < 15 / 2048
-        heat = _blur(band.astype(jnp.float32))
+        heat = 3.0 * _blur(band.astype(jnp.float32))  # peaks above the 0.25 threshold
         return models.SCNOutput(heat, heat, heat)
 
 
@@ -198,13 +231,12 @@ LEVELS_HU = (300.0, 450.0, 600.0, 750.0, 900.0)
 
 
 def _oracle_stage(kind, grid, channels):
+    spec = stages.with_grid(kind, dataclasses.asdict(grid))
+    assert spec.input_channels == channels
     return bundle.StageModel(
-        stage=kind,
+        spec=spec,
         model=_Oracle(kind),
         params={},
-        grid=grid,
-        num_landmarks=25,
-        input_channels=channels,
         factory="oracle",
         factory_kwargs={},
         sigmas=None,

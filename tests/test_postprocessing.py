@@ -6,11 +6,11 @@ import pytest
 from verse_jax.geometry import Geometry
 from verse_jax.postprocessing import (
     LabelFusion,
+    anatomical_order,
     best_sequence_brute_force,
     best_sequence_dp,
     column_z_range_mm,
     landmark_candidates,
-    anatomical_order,
     largest_component,
     select_landmark_sequence,
 )
@@ -236,6 +236,27 @@ def test_heatmaps_to_sequence_end_to_end():
     truth_mm = geometry.index_to_physical(truth_vox)
     # Within one voxel (2 mm): sub-voxel refinement belongs to (and is tested with) heatmaps.
     np.testing.assert_allclose(seq.points_mm, truth_mm, atol=2.0)
+
+
+def test_every_candidate_is_kept_the_right_one_can_be_the_ninth():
+    geometry = Geometry(size=HEATMAP_SHAPE, spacing_mm=(2.0, 2.0, 2.0), origin_mm=(0.0, 0.0, -50.0))
+    truth_vox = np.array([[6.0, 6.0, z] for z in (50.0, 38.0, 26.0, 14.0, 2.0)])
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in HEATMAP_SHAPE], indexing="ij"), -1)
+    d2 = np.sum((grid[..., None, :] - truth_vox) ** 2, axis=-1)
+    heatmaps = np.exp(-d2 / (2 * 1.5**2)).astype(np.float32)
+    # Eight stronger maxima for landmark 2 above landmark 1 (inadmissible: z order), so that
+    # its true peak is the 9th candidate.
+    corners = [(x, y, z) for z in (45, 55) for x in (0, 11) for y in (0, 11)]
+    for rank, corner in enumerate(corners):
+        heatmaps[(*corner, 2)] = 1.9 - 0.1 * rank
+    cands = landmark_candidates(heatmaps, geometry)  # every candidate (M grows 8 -> 16)
+    assert cands.valid.shape[1] == 16 and cands.valid[2, :9].all() and not cands.valid[2, 9:].any()
+    seq = select_landmark_sequence(*cands, column_z_range_mm(geometry))
+    assert (seq.mode, seq.choice[2]) == ("sequence", 8)
+    np.testing.assert_allclose(seq.points_mm, geometry.index_to_physical(truth_vox), atol=2.0)
+    capped = landmark_candidates(heatmaps, geometry, max_candidates=8)
+    seq8 = select_landmark_sequence(*capped, column_z_range_mm(geometry))
+    assert not (seq8.valid.all() and np.allclose(seq8.points_mm, seq.points_mm))
 
 
 def test_largest_component_18_connectivity():

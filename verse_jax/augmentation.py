@@ -1,7 +1,7 @@
 """Spatial and intensity augmentation: random draws on the host, application on the device.
 
 The mapping from an output (network crop) voxel ``j`` to an input (context box) voxel ``q`` follows
-REFERENCE §3.4, written in voxels of the stage grid (isotropic spacing ``s`` mm, shared by the crop
+reference §3.4, written in voxels of the stage grid (isotropic spacing ``s`` mm, shared by the crop
 and the box)::
 
     q = center_vox + t / s + R S (j + d(j s) / s - c_out),   c_out = (crop_size - 1) / 2
@@ -9,7 +9,7 @@ and the box)::
 ``R = Rx(a0) Ry(a1) Rz(a2)``, ``S = diag(scale)`` (isotropic factor times per-axis factors),
 ``t`` the translation in mm and ``d`` a cubic B-spline displacement in mm over the output domain
 ``[0, crop_size * s]`` with ``control_points`` control points per axis. ``center_vox`` (the stage's
-crop centre ``C + f`` of REFERENCE §3.4, in box voxels) is not random and is given by the caller.
+crop centre ``C + f`` of reference §3.4, in box voxels) is not random and is given by the caller.
 
 ``sample_params`` draws on the host with numpy; ``identity_params`` gives the identity. The
 ``apply_*`` functions act on one sample, are jit-able with static shapes, and are vmapped over the
@@ -25,13 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy import ndimage
 
-# -1024 HU after the /2048 normalisation: the value of everything outside the scan.
-OUTSIDE_VALUE = -0.5
+from verse_jax.preprocessing import OUTSIDE_NORMALIZED as OUTSIDE_VALUE
 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentRanges:
-    """Half-widths of the uniform augmentation draws (REFERENCE §3.3-3.4 defaults).
+    """Half-widths of the uniform augmentation draws (docs/reference.md §3.3-3.4 defaults).
 
     Attributes:
         translation_mm: t ~ U(-a, a) mm per axis.
@@ -223,7 +222,7 @@ def apply_nearest(box, grid_vox, cval: float = 0.0):
 
 
 def apply_intensity(image, params: AugmentParams):
-    """(v + shift) * scale, clipped to [-1, 1] (REFERENCE §3.3 step 4)."""
+    """(v + shift) * scale, clipped to [-1, 1] (docs/reference.md §3.3 step 4)."""
     return jnp.clip((image + params.intensity_shift) * params.intensity_scale, -1.0, 1.0)
 
 

@@ -1,11 +1,14 @@
 """Model bundles: the three trained stages with their network configs, exported and loaded.
 
 A stage export is a directory with ``stage.json`` and ``params.msgpack`` (``flax.serialization``
-bytes of the params pytree; the SCN also has ``sigmas.npy``, ``(K,)`` float32). A bundle is a
-directory with ``bundle.json`` (optional free metadata under ``"extra"``) and one such directory per
-stage (``spine``, ``scn``, ``seg``). Parameters are stored as float32, or as float16 where
-``stage.json`` says ``"params_dtype": "float16"`` (half the size, for shipped bundles); loading
-always gives float32.
+bytes of the params pytree; the SCN also has ``sigmas.npy``, ``(K,)`` float32). ``stage.json``
+(version 2) stores the stage's whole definition (``stages.StageSpec.to_dict``): what the network
+was trained on is what prediction uses. Version 1 exports stored only the grid; they are converted
+on loading (the other fields were fixed in the code then, with the values of the paper definition).
+Parameters are stored as float32, or as float16 where ``stage.json`` says
+``"params_dtype": "float16"`` (half the size, for shipped bundles); loading always gives float32.
+A bundle is a directory with ``bundle.json`` (optional free metadata under ``"extra"``) and one
+such directory per stage (``spine``, ``scn``, ``seg``).
 Loading checks format, version and that the stored parameters have exactly the tree structure and
 shapes of the network the config builds (``jax.eval_shape`` of ``model.init``), and raises
 :class:`BundleError` naming the file and the problem otherwise.
@@ -26,21 +29,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
+from verse_jax import stages
+from verse_jax.stages import StageSpec
+
 STAGE_FORMAT = "verse-jax-stage"
 BUNDLE_FORMAT = "verse-jax-bundle"
-FORMAT_VERSION = 1
-STAGES = ("spine", "scn", "seg")
-STAGE_FACTORIES = {
-    "spine": "spine_localization_net",
-    "scn": "vertebrae_localization_net",
-    "seg": "vertebrae_segmentation_net",
-}
-STAGE_CHANNELS = {"spine": 1, "scn": 1, "seg": 2}
-PAPER_GRIDS = {
-    "spine": {"spacing_mm": 8.0, "crop_size": (64, 64, 128), "smoothing_mm": 3.0},
-    "scn": {"spacing_mm": 2.0, "crop_size": (96, 96, 128), "smoothing_mm": 0.75},
-    "seg": {"spacing_mm": 1.0, "crop_size": (128, 128, 96), "smoothing_mm": 0.75},
-}
+FORMAT_VERSION = 1  # bundle.json
+STAGE_VERSION = 2  # stage.json; version 1 (grid only) is converted on loading
+STAGES = stages.STAGE_NAMES
+STAGE_FACTORIES = stages.FACTORIES
+STAGE_CHANNELS = stages.INPUT_CHANNELS
+PAPER_GRIDS = {name: spec.grid for name, spec in stages.PAPER.items()}
 _MAX_LISTED = 6
 _PARAMS_DTYPES = ("float32", "float16")
 
@@ -60,24 +59,37 @@ class StageGrid:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class StageModel:
-    """One loaded stage: Linen module, params pytree (device arrays) and its grid.
+    """One loaded stage: Linen module, params pytree (device arrays) and its definition.
 
     ``sigmas`` is the SCN's ``(K,)`` learnable heatmap sigmas in voxels (None for other stages).
     Jitted apply functions are cached per network config (Linen modules hash by their fields)
     and JAX caches the compiled code per input shape, so repeated cases do not recompile.
     """
 
-    stage: str
+    spec: StageSpec
     model: nn.Module
     params: Any
-    grid: StageGrid
-    num_landmarks: int
-    input_channels: int
     factory: str
     factory_kwargs: dict
     sigmas: np.ndarray | None
     extra: dict
     path: Path | None = None
+
+    @property
+    def stage(self) -> str:
+        return self.spec.name
+
+    @property
+    def grid(self) -> StageGrid:
+        return StageGrid(self.spec.spacing_mm, self.spec.crop_size, self.spec.smoothing_mm)
+
+    @property
+    def num_landmarks(self) -> int:
+        return self.spec.num_landmarks
+
+    @property
+    def input_channels(self) -> int:
+        return self.spec.input_channels
 
     def apply_partial(self, transform=None) -> jax.tree_util.Partial:
         """``Partial(apply, params)``: ``x (B, x, y, z, c) -> output``, params traced.
@@ -230,16 +242,42 @@ def _write_dir_atomic(out_dir: Path, fill) -> Path:
     return out_dir
 
 
+def _resolve_spec(where, spec, stage, factory, grid, num_landmarks, input_channels) -> StageSpec:
+    """The stage definition of an export: ``spec``, or the paper definition of ``stage`` with
+    ``grid`` and ``num_landmarks``; the other arguments, where given, must agree with it."""
+    if spec is None:
+        if stage not in STAGES:
+            raise BundleError(f"{where}: stage must be one of {STAGES}")
+        if grid is None or num_landmarks is None:
+            raise BundleError(f"{where}: give spec=, or stage=, grid= and num_landmarks=")
+        grid = _grid_dict(grid, where)
+        try:
+            spec = stages.with_grid(stage, grid, int(num_landmarks))
+        except ValueError as err:
+            raise BundleError(f"{where}: {err}") from err
+    given = {
+        "stage": (stage, spec.name),
+        "factory": (factory, spec.factory),
+        "input_channels": (input_channels, spec.input_channels),
+        "num_landmarks": (num_landmarks, spec.num_landmarks),
+    }
+    for name, (value, expected) in given.items():
+        if value is not None and value != expected:
+            raise BundleError(f"{where}: {name} {value!r}, the stage definition has {expected!r}")
+    return spec
+
+
 def export_stage(
     out_dir,
     *,
-    stage,
-    factory,
     factory_kwargs,
     params,
-    grid,
-    num_landmarks,
-    input_channels,
+    spec: StageSpec | None = None,
+    stage=None,
+    factory=None,
+    grid=None,
+    num_landmarks=None,
+    input_channels=None,
     sigmas=None,
     extra=None,
     params_dtype="float32",
@@ -248,13 +286,12 @@ def export_stage(
 
     Args:
         out_dir: directory to create (replaced if it exists).
-        stage: ``"spine"``, ``"scn"`` or ``"seg"``.
-        factory: network factory name, e.g. ``"vertebrae_localization_net"``.
         factory_kwargs: JSON-serialisable kwargs for the factory, e.g. ``{"preset": "demo"}``.
         params: params pytree (or ``{"params": tree}``); checked against the network config.
-        grid: ``{"spacing_mm", "crop_size" (x, y, z), "smoothing_mm"}`` or a :class:`StageGrid`.
-        num_landmarks: K (25 or 26).
-        input_channels: 1 (spine, SCN) or 2 (segmentation: CT, centroid heatmap).
+        spec: the stage's whole definition (what it was trained with).
+        stage, grid, num_landmarks: without ``spec``: the paper definition of ``stage`` with this
+            grid (``{"spacing_mm", "crop_size" (x, y, z), "smoothing_mm"}`` or a StageGrid).
+        factory, input_channels: optional; must agree with the definition.
         sigmas: SCN only, ``(K,)`` heatmap sigmas in voxels of the stage grid.
         extra: free JSON-serialisable metadata (training run, metrics, ...).
         params_dtype: ``"float32"`` or ``"float16"`` (stored rounded to half precision).
@@ -262,17 +299,14 @@ def export_stage(
     Returns:
         ``Path(out_dir)``.
     """
-    where = f"export of stage {stage!r} to {out_dir}"
-    if stage not in STAGES:
-        raise BundleError(f"{where}: stage must be one of {STAGES}")
+    where = f"export of stage {stage or getattr(spec, 'name', None)!r} to {out_dir}"
+    spec = _resolve_spec(where, spec, stage, factory, grid, num_landmarks, input_channels)
     meta = {
         "format": STAGE_FORMAT,
-        "version": FORMAT_VERSION,
-        "stage": stage,
-        "network": {"factory": factory, "kwargs": dict(factory_kwargs)},
-        "grid": _grid_dict(grid, where),
-        "num_landmarks": int(num_landmarks),
-        "input_channels": int(input_channels),
+        "version": STAGE_VERSION,
+        "stage": spec.name,
+        "network": {"factory": spec.factory, "kwargs": dict(factory_kwargs)},
+        "definition": spec.to_dict(),
         "extra": dict(extra or {}),
     }
     if params_dtype not in _PARAMS_DTYPES:
@@ -280,14 +314,15 @@ def export_stage(
     if params_dtype != "float32":
         meta["params_dtype"] = params_dtype
     params = jax.device_get(_unwrap_params(params))
-    model = build_model(factory, meta["network"]["kwargs"])
-    _check_params(params, abstract_params(model, meta["grid"]["crop_size"], input_channels), where)
-    if stage == "scn":
+    model = build_model(spec.factory, meta["network"]["kwargs"])
+    _check_params(params, abstract_params(model, spec.crop_size, spec.input_channels), where)
+    k = spec.num_landmarks
+    if spec.name == "scn":
         if sigmas is None:
-            raise BundleError(f"{where}: the SCN stage needs sigmas ({num_landmarks},)")
+            raise BundleError(f"{where}: the SCN stage needs sigmas ({k},)")
         sigmas = np.asarray(sigmas, np.float32)
-        if sigmas.shape != (int(num_landmarks),):
-            raise BundleError(f"{where}: sigmas shape {sigmas.shape}, expected ({num_landmarks},)")
+        if sigmas.shape != (k,):
+            raise BundleError(f"{where}: sigmas shape {sigmas.shape}, expected ({k},)")
     text = json.dumps(meta, indent=2)
     data = serialization.to_bytes(jax.tree.map(lambda a: np.asarray(a, params_dtype), params))
 
@@ -300,7 +335,7 @@ def export_stage(
     return _write_dir_atomic(Path(out_dir), fill)
 
 
-def _read_json(path: Path, fmt: str) -> dict:
+def _read_json(path: Path, fmt: str, versions=(FORMAT_VERSION,)) -> dict:
     if not path.is_file():
         raise BundleError(f"{path}: missing ({fmt} expects this file)")
     try:
@@ -310,38 +345,60 @@ def _read_json(path: Path, fmt: str) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise BundleError(f"{path}: format is {got!r}, expected {fmt!r}")
-    if meta.get("version") != FORMAT_VERSION:
+    if meta.get("version") not in versions:
         raise BundleError(
             f"{path}: {fmt} version {meta.get('version')!r} is not supported "
-            f"(this verse-jax reads version {FORMAT_VERSION})"
+            f"(this verse-jax reads version {' or '.join(map(str, versions))})"
         )
     return meta
 
 
+def _stage_definition(meta: dict, meta_path: Path) -> StageSpec:
+    """The definition in a stage.json: version 2 stores it whole; version 1 only the grid, K and
+    the channels (converted: the rest was fixed in the code, as the paper definition)."""
+    stage = meta.get("stage")
+    if stage not in STAGES:
+        raise BundleError(f"{meta_path}: stage {stage!r} is not one of {STAGES}")
+    if meta["version"] == 1:
+        grid = _grid_dict(meta.get("grid"), str(meta_path))
+        try:
+            channels = int(meta["input_channels"])
+            spec = stages.with_grid(stage, grid, int(meta["num_landmarks"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise BundleError(f"{meta_path}: missing or bad field {err}") from err
+        if channels != spec.input_channels:
+            raise BundleError(
+                f"{meta_path}: input_channels {channels}, stage {stage!r} has {spec.input_channels}"
+            )
+    else:
+        try:
+            spec = StageSpec.from_dict(meta.get("definition"), str(meta_path))
+        except ValueError as err:
+            raise BundleError(str(err)) from err
+    if spec.name != stage:
+        raise BundleError(f"{meta_path}: stage {stage!r} but its definition is {spec.name!r}")
+    return spec
+
+
 def load_stage(path) -> StageModel:
-    """Load and check one stage export.
+    """Load and check one stage export (a version 1 export is converted, see the module doc).
 
     Raises:
-        BundleError: missing directory/files, wrong format or version, unknown factory, unreadable
-            params, params whose tree or shapes differ from the network config, bad SCN sigmas.
+        BundleError: missing directory/files, wrong format or version, bad definition, unknown
+            factory, unreadable params, params whose tree or shapes differ from the network
+            config, bad SCN sigmas.
     """
     path = Path(path)
     if not path.is_dir():
         raise BundleError(f"{path}: stage export directory not found")
     meta_path = path / "stage.json"
-    meta = _read_json(meta_path, STAGE_FORMAT)
+    meta = _read_json(meta_path, STAGE_FORMAT, (1, STAGE_VERSION))
     try:
-        stage = meta["stage"]
         factory = meta["network"]["factory"]
         kwargs = dict(meta["network"]["kwargs"])
-        num_landmarks = int(meta["num_landmarks"])
-        input_channels = int(meta["input_channels"])
     except (KeyError, TypeError, ValueError) as err:
         raise BundleError(f"{meta_path}: missing or bad field {err}") from err
-    if stage not in STAGES:
-        raise BundleError(f"{meta_path}: stage {stage!r} is not one of {STAGES}")
-    grid_dict = _grid_dict(meta.get("grid"), str(meta_path))
-    grid = StageGrid(**{**grid_dict, "crop_size": tuple(grid_dict["crop_size"])})
+    spec = _stage_definition(meta, meta_path)
     try:
         model = build_model(factory, kwargs)
     except BundleError as err:
@@ -353,23 +410,21 @@ def load_stage(path) -> StageModel:
         params = serialization.msgpack_restore(params_path.read_bytes())
     except Exception as err:  # msgpack raises several unrelated types on corrupt bytes
         raise BundleError(f"{params_path}: cannot read parameters ({err!r})") from err
-    _check_params(params, abstract_params(model, grid.crop_size, input_channels), str(params_path))
+    expected = abstract_params(model, spec.crop_size, spec.input_channels)
+    _check_params(params, expected, str(params_path))
     stored = meta.get("params_dtype", "float32")
     if stored not in _PARAMS_DTYPES:
         raise BundleError(f"{meta_path}: params_dtype {stored!r} is not one of {_PARAMS_DTYPES}")
     sigmas = None
-    if stage == "scn":
+    if spec.name == "scn":
         sigmas_path = path / "sigmas.npy"
         if not sigmas_path.is_file():
             raise BundleError(f"{sigmas_path}: missing (SCN sigmas)")
-        sigmas = _load_sigmas(sigmas_path, num_landmarks)
+        sigmas = _load_sigmas(sigmas_path, spec.num_landmarks)
     return StageModel(
-        stage=stage,
+        spec=spec,
         model=model,
         params=jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params),
-        grid=grid,
-        num_landmarks=num_landmarks,
-        input_channels=input_channels,
         factory=factory,
         factory_kwargs=kwargs,
         sigmas=sigmas,
@@ -479,7 +534,7 @@ def random_bundle(
         out_dir: bundle directory to write.
         preset: network preset of all three factories (``"tiny"``, ``"demo"``, ``"paper"``).
         seed: seed of the random parameters.
-        grids: optional ``{stage: grid dict}`` overriding :data:`PAPER_GRIDS` per stage.
+        grids: optional ``{stage: grid dict or StageSpec}`` overriding the paper definition.
         num_landmarks: K of the SCN and of the bundle.
         network_kwargs: extra factory kwargs for all three networks, e.g. ``{"conv_impl": "lax"}``.
         extra: metadata for ``bundle.json`` (see :func:`make_bundle`).
@@ -492,21 +547,20 @@ def random_bundle(
             kwargs = {"preset": preset, **(network_kwargs or {})}
             if stage == "scn":
                 kwargs["num_landmarks"] = num_landmarks
-            model = build_model(STAGE_FACTORIES[stage], kwargs)
-            grid = _grid_dict(grids[stage], f"random_bundle grid {stage!r}")
-            shapes = abstract_params(model, grid["crop_size"], STAGE_CHANNELS[stage])
+            spec = grids[stage]
+            if not isinstance(spec, StageSpec):
+                grid = _grid_dict(spec, f"random_bundle grid {stage!r}")
+                spec = stages.with_grid(stage, grid, num_landmarks)
+            model = build_model(spec.factory, kwargs)
+            shapes = abstract_params(model, spec.crop_size, spec.input_channels)
             params = random_params(shapes, seed * len(STAGES) + offset)
             if stage == "spine" and "output" in params:  # positive heatmap: a spine is found
                 params["output"]["bias"] = np.ones_like(params["output"]["bias"])
             export_stage(
                 stage_dir / stage,
-                stage=stage,
-                factory=STAGE_FACTORIES[stage],
+                spec=spec,
                 factory_kwargs=kwargs,
                 params=params,
-                grid=grid,
-                num_landmarks=num_landmarks,
-                input_channels=STAGE_CHANNELS[stage],
                 sigmas=np.full((num_landmarks,), 4.0, np.float32) if stage == "scn" else None,
                 extra={"random": True, "seed": seed},
             )

@@ -179,7 +179,9 @@ def _predict_one(case_id, ct_path, out_dir, model, args) -> dict:
     centroids, mask = result.centroids, result.mask
     labels = np.asarray(mask.array, np.uint16)
     io.write_volume(out_dir / f"{case_id}_seg.nii.gz", type(mask)(labels, mask.geometry))
-    io.write_centroids(out_dir / f"{case_id}_ctd.json", centroids, image.geometry)
+    io.write_centroids(
+        out_dir / f"{case_id}_ctd.json", centroids, image.geometry, args.centroid_format
+    )
     if args.preview:
         preview.write_preview(
             out_dir / f"{case_id}_preview.png", image, mask, centroids, title=case_id
@@ -454,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="SCN window overlap in slices (default 3/4 of the window: 96 for paper models)",
+    )
+    p.add_argument(
+        "--centroid-format",
+        choices=io.CENTROID_FORMATS,
+        default="bids",
+        help="<id>_ctd.json flavour: bids (voxels + axis codes) or verse19 (MICCAI millimetres)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")

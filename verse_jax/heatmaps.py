@@ -13,14 +13,28 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+# The reference's numpy Gaussian generator (spine target, segmentation centroid channel) fills only
+# the voxels i with int(mu - 2.5 sigma) <= i < int(mu + 2.5 sigma) per axis (int truncates toward
+# zero): about -2.7 to +2 sigma for sigma = 3 (docs/reference.md §3.5).
+NUMPY_WINDOW_SIGMAS = 2.5
 
-def _axis_gaussians(points_vox, sigma_vox, shape):
-    """Per-axis 1-D Gaussians exp(-(i - mu)^2 / (2 sigma^2)): three arrays (shape[a], K)."""
+
+def _axis_gaussians(points_vox, sigma_vox, shape, window=None):
+    """Per-axis 1-D Gaussians exp(-(i - mu)^2 / (2 sigma^2)): three arrays (shape[a], K).
+
+    ``window``: None (every voxel) or w: 0 outside ``[trunc(mu - w sigma), trunc(mu + w sigma))``.
+    """
     out = []
     for axis, size in enumerate(shape):
         coords = jnp.arange(size, dtype=jnp.float32)[:, None]
-        d = coords - points_vox[None, :, axis]
-        out.append(jnp.exp(-(d * d) / (2.0 * sigma_vox[None, :] ** 2)))
+        mu = points_vox[None, :, axis]
+        d = coords - mu
+        g = jnp.exp(-(d * d) / (2.0 * sigma_vox[None, :] ** 2))
+        if window is not None:
+            reach = window * sigma_vox[None, :]
+            inside = (coords >= jnp.trunc(mu - reach)) & (coords < jnp.trunc(mu + reach))
+            g = jnp.where(inside, g, 0.0)
+        out.append(g)
     return out
 
 
@@ -41,12 +55,14 @@ def gaussian_heatmaps(
     *,
     scale: float = 1000.0,
     normalize: bool = True,
+    window: float | None = None,
 ) -> jax.Array:
     """One Gaussian heatmap per landmark (the SCN target, differentiable w.r.t. sigma).
 
     ``normalize=True``: ``scale / (sqrt(2 pi) sigma)^3 * exp(-|x - mu|^2 / (2 sigma^2))`` (the
     reference's TF generator, gamma = 1000); ``normalize=False``: peak value ``scale``. Computed
-    exactly as a product of per-axis 1-D Gaussians, on the full grid.
+    exactly as a product of per-axis 1-D Gaussians, on the full grid (``window`` None, the TF
+    generator) or in the numpy generator's truncated window (``window=NUMPY_WINDOW_SIGMAS``).
 
     Args:
         points_vox: (K, 3) landmark positions, continuous voxel index (x, y, z).
@@ -55,6 +71,7 @@ def gaussian_heatmaps(
         shape: (x, y, z) grid size in voxels.
         scale: gamma (normalised) or peak value (unnormalised).
         normalize: whether to divide by (sqrt(2 pi) sigma)^3.
+        window: None, or the half-width w in sigmas of the window (see ``_axis_gaussians``).
 
     Returns:
         (x, y, z, K) float32 heatmaps.
@@ -64,7 +81,7 @@ def gaussian_heatmaps(
     _check_points(points_vox, valid, shape)
     k = points_vox.shape[0]
     sigma = jnp.broadcast_to(jnp.asarray(sigma_vox, jnp.float32), (k,))
-    gx, gy, gz = _axis_gaussians(points_vox, sigma, shape)
+    gx, gy, gz = _axis_gaussians(points_vox, sigma, shape, window)
     factor = jnp.where(valid, jnp.float32(scale), 0.0)
     if normalize:
         factor = factor / (math.sqrt(2.0 * math.pi) * sigma) ** 3
@@ -99,9 +116,10 @@ def spine_heatmap(
 ) -> jax.Array:
     """Spine centreline target of stage 1: summed peak-1 Gaussians, then a Gaussian blur.
 
-    As the reference: one Gaussian (peak 1, sigma ``sigma_vox``) per valid landmark, summed, then
-    smoothed like ``skimage.filters.gaussian(sigma=blur_sigma_vox)`` (truncate 4, 'nearest' edges).
-    The reference evaluates each Gaussian only within +-5 sigma; that tail (< 4e-6) is kept here.
+    As the reference: one Gaussian (peak 1, sigma ``sigma_vox``) per valid landmark, filled only
+    in the numpy generator's window (``NUMPY_WINDOW_SIGMAS``, about -2.7 to +2 sigma), summed,
+    then smoothed like ``skimage.filters.gaussian(sigma=blur_sigma_vox)`` (truncate 4, 'nearest'
+    edges).
 
     Args:
         points_vox: (K, 3) continuous voxel index (x, y, z).
@@ -117,7 +135,7 @@ def spine_heatmap(
     valid = jnp.asarray(valid)
     _check_points(points_vox, valid, shape)
     sigma = jnp.full((points_vox.shape[0],), sigma_vox, jnp.float32)
-    gx, gy, gz = _axis_gaussians(points_vox, sigma, shape)
+    gx, gy, gz = _axis_gaussians(points_vox, sigma, shape, NUMPY_WINDOW_SIGMAS)
     gx = gx * valid.astype(jnp.float32)[None, :]
     if blur_sigma_vox > 0:
         # The blur is linear and separable: blur each per-axis factor before the outer product.
@@ -203,9 +221,9 @@ def find_candidates(
     heatmap: jax.Array,
     *,
     max_candidates: int = 8,
-    min_distance_vox: float = 7.0,
-    min_max_value: float = 0.25,
-    relative_threshold: float = 0.1,
+    min_distance_vox: float,
+    min_max_value: float,
+    relative_threshold: float,
 ) -> Candidates:
     """Candidate positions of one landmark: the global maximum and further, separated maxima.
 

@@ -446,7 +446,7 @@ class Centroids:
 
 
 # VerSe'19 (MICCAI) JSON axes are millimetres in the RAI-reoriented (identity direction), origin-0
-# image: internal x = Z, y = Y, z = S_z * h_z - X (REFERENCE.md section 2.2).
+# image: internal x = Z, y = Y, z = S_z * h_z - X (docs/reference.md §2.2).
 _IDENTITY_CODES = ("L", "P", "S")
 
 
@@ -543,16 +543,35 @@ def write_text_atomic(path: Path, text: str) -> None:
             temporary.unlink()
 
 
-def write_centroids(json_path, centroids: Centroids, geometry: Geometry) -> None:
-    """Write centroids atomically in the BIDS flavour: the grid's axis codes + voxel coordinates.
+CENTROID_FORMATS = ("bids", "verse19")
 
-    The codes are ``axis_codes(geometry.direction)``, so the voxel coordinates are plain continuous
-    indices of ``geometry``; full float precision is kept (write -> read is exact to ~1e-9 mm).
+
+def write_centroids(json_path, centroids: Centroids, geometry: Geometry, fmt: str = "bids") -> None:
+    """Write centroids atomically in either VerSe flavour (``read_centroids`` reads both).
+
+    ``"bids"`` (default): the grid's axis codes ``axis_codes(geometry.direction)`` and plain
+    continuous voxel indices of ``geometry``. ``"verse19"``: the MICCAI release's millimetres in
+    the identity-oriented, origin-0 image (``X = S_z h_z - z``, ``Y = y``, ``Z = x``), as the
+    original's writer and evaluators for that release expect. Full float precision is kept
+    (write -> read is exact to ~1e-9 mm).
     """
+    if fmt not in CENTROID_FORMATS:
+        raise ValueError(f"centroid format must be one of {CENTROID_FORMATS}, got {fmt!r}")
     path = Path(json_path)
     points_vox = geometry.physical_to_index(centroids.points_mm).reshape(-1, 3)
-    entries: list[dict] = [{"direction": list(axis_codes(geometry.direction))}]
-    for label, (x, y, z) in zip(centroids.labels.tolist(), points_vox.tolist(), strict=True):
+    entries: list[dict] = []
+    if fmt == "bids":
+        entries.append({"direction": list(axis_codes(geometry.direction))})
+        coords = points_vox
+    else:
+        record = reorientation_to_codes(geometry, _IDENTITY_CODES)
+        size = np.array(record.geometry.size, np.float64)
+        spacing = np.array(record.geometry.spacing_mm, np.float64)
+        internal_mm = record.from_original_index(points_vox).reshape(-1, 3) * spacing
+        coords = np.stack(
+            [size[2] * spacing[2] - internal_mm[:, 2], internal_mm[:, 1], internal_mm[:, 0]], -1
+        )
+    for label, (x, y, z) in zip(centroids.labels.tolist(), coords.tolist(), strict=True):
         entries.append({"label": int(label), "X": x, "Y": y, "Z": z})
     write_text_atomic(path, json.dumps(entries) + "\n")
 

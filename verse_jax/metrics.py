@@ -1,6 +1,6 @@
 """VerSe evaluation: identification rate, localisation distance, per-vertebra Dice and Hausdorff.
 
-Definitions follow REFERENCE.md section 8. Centroids are `(labels (N,), points_mm (N, 3))` pairs or
+Definitions follow docs/reference.md §8. Centroids are `(labels (N,), points_mm (N, 3))` pairs or
 records with those attributes (`verse_jax.io.Centroids`), in a common physical frame (mm). Masks are
 `(x, y, z)` integer label maps on one grid with `spacing_mm` (x, y, z). Missing vertebrae (in the
 ground truth, not predicted) and extra ones (predicted, not in the ground truth) are always counted

@@ -1,27 +1,28 @@
 """The three stage predictors and ``predict_case``: CT volume -> vertebra centroids and label mask.
 
 1. Spine localisation on the whole scan at the spine stage's grid (8 mm): the centre of mass of the
-   predicted spine heatmap gives the spine's world x, y (REFERENCE.md 4.5).
+   predicted spine heatmap gives the spine's world x, y (docs/reference.md §4.5).
 2. Vertebra localisation on an x-y column around that point covering the whole scan in z (2 mm):
-   sliding window along z, candidate peaks, the best anatomical label sequence (5.6-5.8).
-3. Segmentation of every found vertebra (1 mm crops centred 20 mm posterior of the centroid, with
-   a centroid Gaussian as second channel), largest component, and fusion of the probabilities on the
-   input's own grid with a running best (probability, label) pair (6.4), never a (volume x K) array.
+   sliding window along z, candidate peaks, the best anatomical label sequence (§5.6-5.8).
+3. Segmentation of every found vertebra (1 mm crops centred posterior of the centroid, with a
+   centroid Gaussian as second channel), largest component, and fusion of the probabilities on the
+   input's own grid with a running best (probability, label) pair (§6.4), never a (volume x K)
+   array.
 
-All grids of the stages are identity-direction grids in the LPS world with the spacing, crop size
-and smoothing of the bundle's ``stage.json``; the outputs are in the input's exact geometry.
+Every stage follows its definition (``stages.StageSpec``, stored whole in the bundle's
+``stage.json``): grids are identity-direction grids in the LPS world, crop centres come from
+``stages.crop_center_vox`` and the network inputs are cut by ``samples.prediction_input``, the
+training sampler with identity parameters. The outputs are in the input's exact geometry.
 """
 
-import functools
 import logging
 import time
 from dataclasses import dataclass
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from verse_jax import heatmaps, inference, postprocessing, preprocessing
+from verse_jax import inference, postprocessing, preprocessing, samples, stages
 from verse_jax.bundle import Bundle, StageGrid, StageModel
 from verse_jax.geometry import Geometry, Volume, physical_bounding_grid
 from verse_jax.io import Centroids, landmarks_to_centroids
@@ -30,10 +31,6 @@ from verse_jax.labels import index_to_label
 
 logger = logging.getLogger(__name__)
 
-SEG_OFFSET_MM = (0.0, 20.0, 0.0)  # crop centre relative to the centroid (+y posterior)
-SEG_SIGMA_VOX = 3.0  # centroid Gaussian of the segmentation input, peak 1
-CANDIDATE_DISTANCE_MM = 14.0  # reference: 7 voxels at 2 mm
-PAD_NORMALIZED = preprocessing.CT_MIN_HU / preprocessing.CT_SCALE_HU  # -1024 HU -> -0.5
 _MIN_CT_RANGE_HU = 100.0
 
 
@@ -83,7 +80,7 @@ def stage_volumes(image: Volume, grids: dict[str, StageGrid]) -> dict[str, Volum
     return out
 
 
-def cut_box(volume: Volume, start, size, pad_value: float = PAD_NORMALIZED) -> Volume:
+def cut_box(volume: Volume, start, size, pad_value: float = preprocessing.OUTSIDE_NORMALIZED):
     """Integer box of an identity-direction volume, padded where it leaves the volume.
 
     Args:
@@ -96,17 +93,15 @@ def cut_box(volume: Volume, start, size, pad_value: float = PAD_NORMALIZED) -> V
         Volume of ``size`` whose geometry is the box's own grid (same spacing, identity).
     """
     start = np.asarray(start, np.int64)
-    size = np.asarray(size, np.int64)
-    out = np.full(tuple(size), pad_value, np.asarray(volume.array).dtype)
-    low = np.maximum(start, 0)
-    high = np.minimum(start + size, volume.geometry.size)
-    if np.all(high > low):
-        src = tuple(slice(a, b) for a, b in zip(low, high, strict=True))
-        dst = tuple(slice(a, b) for a, b in zip(low - start, high - start, strict=True))
-        out[dst] = volume.array[src]
+    out = samples.cut_box(np.asarray(volume.array), start, size, pad_value)
     origin = volume.geometry.index_to_physical(start.astype(np.float64))
-    geometry = Geometry(tuple(size), volume.geometry.spacing_mm, tuple(origin))
-    return Volume(out, geometry)
+    return Volume(out, Geometry(tuple(out.shape), volume.geometry.spacing_mm, tuple(origin)))
+
+
+def _crop_geometry(volume: Volume, origin_vox, size) -> Geometry:
+    """The grid of a crop whose voxel 0 sits at stage voxel ``origin_vox`` (identity sampling)."""
+    origin = volume.geometry.index_to_physical(np.asarray(origin_vox, np.float64))
+    return Geometry(tuple(int(v) for v in size), volume.geometry.spacing_mm, tuple(origin))
 
 
 def predict_spine(volume: Volume, stage: StageModel) -> np.ndarray:
@@ -117,28 +112,28 @@ def predict_spine(volume: Volume, stage: StageModel) -> np.ndarray:
         stage: the spine stage.
 
     Returns:
-        (3,) LPS mm centre of mass of the positive part of the predicted heatmap over the voxels
-        that hold image data (only x and y are used downstream).
+        (3,) LPS mm centre of mass of the signed predicted heatmap (as the reference, which takes
+        the centre of mass of the unthresholded heatmap resampled onto the input, §4.5) over the
+        crop voxels whose nearest stage voxel lies in the scan; only x and y are used downstream.
 
     Raises:
-        NoSpineFoundError: the heatmap has no positive value inside the scan.
+        NoSpineFoundError: the heatmap's values there do not sum to a positive value.
     """
-    crop = np.asarray(stage.grid.crop_size)
+    spec = stage.spec
     size = np.asarray(volume.geometry.size)
-    start = np.where(crop >= size, -((crop - size) // 2), (size - crop) // 2)  # as in training
-    box = cut_box(volume, start, crop)
-    out = stage.apply_fn()(jnp.asarray(box.array)[None, ..., None])
-    heatmap = np.maximum(np.asarray(out[0, ..., 0], np.float64), 0.0)
-    inside = np.zeros(heatmap.shape, bool)
-    low, high = np.maximum(-start, 0), np.minimum(size - start, crop)
-    inside[tuple(slice(a, b) for a, b in zip(low, high, strict=True))] = True
+    center = stages.crop_center_vox(spec, size)
+    x, origin_vox = samples.prediction_input(volume.array, spec, center)
+    out = stage.apply_fn()(jnp.asarray(x)[None])
+    heatmap = np.asarray(out[0, ..., 0], np.float64)
+    grids = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in heatmap.shape], indexing="ij")
+    position = [np.rint(g + o) for g, o in zip(grids, origin_vox, strict=True)]
+    inside = np.all([(p >= 0) & (p < n) for p, n in zip(position, size, strict=True)], axis=0)
     weights = np.where(inside, heatmap, 0.0)
     total = weights.sum()
     if not total > 0:
-        raise NoSpineFoundError("no spine found: the spine heatmap is not positive in the scan")
-    grids = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in heatmap.shape], indexing="ij")
+        raise NoSpineFoundError("no spine found: the spine heatmap does not sum to > 0 in the scan")
     com_vox = np.array([(g * weights).sum() / total for g in grids])
-    return box.geometry.index_to_physical(com_vox)
+    return volume.geometry.index_to_physical(com_vox + origin_vox)
 
 
 def predict_landmarks(
@@ -195,58 +190,44 @@ def predict_landmark_sequence(
         The candidates (`postprocessing.landmark_candidates`) and the sequence selected from them
         (its `points_mm`, `valid` and heatmap `values`).
     """
-    crop_x, crop_y, window_z = stage.grid.crop_size
-    center = np.rint(volume.geometry.physical_to_index(np.asarray(spine_mm))).astype(np.int64)
-    start = (center[0] - (crop_x - 1) // 2, center[1] - (crop_y - 1) // 2, 0)
-    column = cut_box(volume, start, (crop_x, crop_y, volume.geometry.size[2]))
+    spec = stage.spec
+    crop_x, crop_y, window_z = spec.crop_size
+    size = (crop_x, crop_y, volume.geometry.size[2])
+    spine_vox = volume.geometry.physical_to_index(np.asarray(spine_mm, np.float64))
+    center = stages.crop_center_vox(spec, volume.geometry.size, column_xy_vox=spine_vox[:2])
+    column, origin_vox = samples.prediction_input(volume.array, spec, center, crop_size=size)
+    geometry = _crop_geometry(volume, origin_vox, size)
     if whole_column:
         merged = inference.whole_column(
-            stage.apply_fn("heatmaps"), jnp.asarray(column.array)[..., None], multiple=window_z
+            stage.apply_fn("heatmaps"), jnp.asarray(column), multiple=window_z
         )
     else:
         merged = inference.sliding_window(
             stage.apply_partial("heatmaps"),
-            jnp.asarray(column.array)[..., None],
+            jnp.asarray(column),
             window_z=window_z,
             overlap_z=window_z * 3 // 4 if overlap_z is None else int(overlap_z),
             batch_size=batch_size,
-            pad_value=-1.0,
+            pad_value=stages.WINDOW_PAD_VALUE,
         )
+    rule = spec.candidates
     candidates = postprocessing.landmark_candidates(
         merged,
-        column.geometry,
-        min_distance_vox=CANDIDATE_DISTANCE_MM / stage.grid.spacing_mm,
+        geometry,
+        max_candidates=rule.max_candidates,
+        min_distance_vox=rule.min_distance_mm / spec.spacing_mm,
+        min_max_value=rule.min_max_value,
+        relative_threshold=rule.relative_threshold,
     )
     sequence = postprocessing.select_landmark_sequence(
-        *candidates, postprocessing.column_z_range_mm(column.geometry)
+        *candidates, postprocessing.column_z_range_mm(geometry)
     )
     logger.debug("landmark sequence mode %s, %d valid", sequence.mode, sequence.valid.sum())
     return candidates, sequence
 
 
-@functools.lru_cache(maxsize=16)
-def _segment_fn(model, shape: tuple[int, int, int]):
-    """Jitted ``(params, crops (B, x, y, z), points_vox (B, 3)) -> probabilities (B, x, y, z)``.
-
-    One per (network config, crop shape); the crop's second channel (a peak-1 Gaussian of
-    ``SEG_SIGMA_VOX`` at the centroid) is built on the device.
-    """
-
-    def segment(params, crops, points_vox):
-        def gaussian(point):
-            return heatmaps.gaussian_heatmaps(
-                point[None], jnp.ones((1,), bool), SEG_SIGMA_VOX, shape, scale=1.0, normalize=False
-            )[..., 0]
-
-        channel = jax.vmap(gaussian)(points_vox)
-        x = jnp.stack([crops, channel], axis=-1)
-        return jax.nn.sigmoid(model.apply({"params": params}, x, train=False))[..., 0]
-
-    return jax.jit(segment)
-
-
 def _fuse(fusion, prob: Volume, label: int, target: Geometry, threshold: float = 0.5) -> None:
-    """Resample one vertebra's probabilities onto the part of ``target`` they can change and fuse.
+    """Resample one vertebra's probabilities onto the part of ``target`` they can win and fuse.
 
     Only voxels with probability > 0.5 can beat the background's 0.5, and a linearly interpolated
     value > 0.5 needs a grid neighbour > 0.5, so the source is cut to the bounding box of those
@@ -311,26 +292,28 @@ def fuse_segmentation(
             resampled whole instead of only where it can win. Other arguments as
             `predict_segmentation`.
     """
-    crop = np.asarray(stage.grid.crop_size)
-    segment = _segment_fn(stage.model, tuple(stage.grid.crop_size))
+    spec = stage.spec
+    crop = spec.crop_size
+    segment = stage.apply_fn("sigmoid")
     fusion = postprocessing.LabelFusion(target.size, keep_low_probabilities=keep_low_probabilities)
     threshold = 0.0 if keep_low_probabilities else 0.5
     indices = np.flatnonzero(np.asarray(valid))
     for first in range(0, len(indices), batch_size):
         chunk = indices[first : first + batch_size]
-        boxes, points_vox = [], np.zeros((batch_size, 3), np.float32)
+        x = np.zeros((batch_size, *crop, spec.input_channels), np.float32)
+        grids = []
         for row, k in enumerate(chunk):
-            point = np.asarray(points_mm[k], np.float64)
-            center = volume.geometry.physical_to_index(point + np.asarray(SEG_OFFSET_MM))
-            box = cut_box(volume, np.rint(center - (crop - 1) / 2).astype(np.int64), crop)
-            boxes.append(box)
-            points_vox[row] = box.geometry.physical_to_index(point)
-        crops = np.full((batch_size, *crop), PAD_NORMALIZED, np.float32)
-        crops[: len(boxes)] = np.stack([box.array for box in boxes])
-        probs = np.asarray(segment(stage.params, jnp.asarray(crops), jnp.asarray(points_vox)))
+            point = volume.geometry.physical_to_index(np.asarray(points_mm[k], np.float64))
+            center = stages.crop_center_vox(spec, volume.geometry.size, centroid_vox=point)
+            x[row], origin_vox = samples.prediction_input(
+                volume.array, spec, center, centroid_vox=point
+            )
+            grids.append(_crop_geometry(volume, origin_vox, crop))
+        x[len(chunk) :] = x[0]  # padding of the last batch
+        probs = np.asarray(segment(jnp.asarray(x)))[..., 0]
         for row, k in enumerate(chunk):
             prob = postprocessing.largest_component(probs[row])
-            _fuse(fusion, Volume(prob, boxes[row].geometry), index_to_label(k), target, threshold)
+            _fuse(fusion, Volume(prob, grids[row]), index_to_label(k), target, threshold)
     return fusion
 
 

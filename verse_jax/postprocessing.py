@@ -1,6 +1,6 @@
 """Post-processing: landmark candidates, the anatomical label sequence, largest component, fusion.
 
-The label sequence follows the reference's spine post-processing (REFERENCE.md section 5.7) but
+The label sequence follows the reference's spine post-processing (docs/reference.md §5.7) but
 solves its exhaustive search exactly by dynamic programming over the landmark index, so it runs in
 O(K M^2) time for K landmarks with M candidates each instead of O(M^K) (which could hang).
 
@@ -24,9 +24,11 @@ import jax
 import numpy as np
 import scipy.ndimage
 
+from verse_jax import stages
 from verse_jax.heatmaps import find_candidates
 
 _NEG_INF = -np.inf
+_RULE = stages.SCN_PAPER.candidates  # defaults: the paper's rule at the paper's 2 mm
 
 
 class LandmarkCandidates(NamedTuple):
@@ -55,10 +57,10 @@ def landmark_candidates(
     heatmaps,
     geometry,
     *,
-    max_candidates: int = 8,
-    min_distance_vox: float = 7.0,
-    min_max_value: float = 0.25,
-    relative_threshold: float = 0.1,
+    max_candidates: int | None = _RULE.max_candidates,
+    min_distance_vox: float = _RULE.min_distance_mm / stages.SCN_PAPER.spacing_mm,
+    min_max_value: float = _RULE.min_max_value,
+    relative_threshold: float = _RULE.relative_threshold,
 ) -> LandmarkCandidates:
     """Candidate peaks of every heatmap channel, in physical mm.
 
@@ -66,21 +68,31 @@ def landmark_candidates(
         heatmaps: `(x, y, z, K)` merged heatmaps on the grid `geometry`.
         geometry: the heatmaps' grid (`verse_jax.geometry.Geometry`, duck-typed:
             `index_to_physical`).
-        max_candidates, min_distance_vox, min_max_value, relative_threshold: passed to
+        max_candidates: None keeps every candidate the rule finds, as the reference (the search
+            runs with M = 8, 16, 32, ... slots until some slot stays empty in every channel);
+            an int caps M.
+        min_distance_vox, min_max_value, relative_threshold: passed to
             `verse_jax.heatmaps.find_candidates` (reference: 7 voxels, 0.25, 0.1).
 
     Returns:
-        `LandmarkCandidates` with K landmarks and M = max_candidates slots; invalid points are 0.
+        `LandmarkCandidates` with K landmarks and M slots; invalid points are 0.
     """
     if np.ndim(heatmaps) != 4:
         raise ValueError(f"heatmaps must be (x, y, z, K), got shape {np.shape(heatmaps)}")
-    found = _find_per_channel(
-        heatmaps,
-        max_candidates=int(max_candidates),
-        min_distance_vox=float(min_distance_vox),
-        min_max_value=float(min_max_value),
-        rel=float(relative_threshold),
-    )
+    limit = int(np.prod(np.shape(heatmaps)[:3]))  # no more maxima than voxels
+    slots = min(8, limit) if max_candidates is None else int(max_candidates)
+    while True:
+        found = _find_per_channel(
+            heatmaps,
+            max_candidates=slots,
+            min_distance_vox=float(min_distance_vox),
+            min_max_value=float(min_max_value),
+            rel=float(relative_threshold),
+        )
+        full = bool(np.any(np.asarray(found.valid)[:, -1]))
+        if max_candidates is not None or not full or slots >= limit:
+            break
+        slots = min(2 * slots, limit)
     valid = np.asarray(found.valid, bool)
     points_mm = geometry.index_to_physical(np.asarray(found.points_vox, np.float64))
     points_mm = np.where(valid[..., None], points_mm, 0.0)
@@ -242,7 +254,7 @@ def _best_in_z_range(global_values, global_z, low_mm, high_mm, min_value) -> int
 def _extend(choice, values, points_mm, valid, end, step, min_distance, max_distance, min_value):
     """Appends landmarks beyond `end` in direction `step` (-1 front, +1 back), in place.
 
-    Reproduces the reference's quirk (REFERENCE.md 5.7 step 5): its loop flag is cleared by every
+    Reproduces the reference's quirk (reference §5.7 step 5): its loop flag is cleared by every
     candidate that does not match before a match, so extension goes on only while the matching
     candidate is the first (strongest) one of each new landmark; a later match is still appended,
     then extension stops. A landmark without candidates stops extension (the reference would loop).
@@ -304,7 +316,7 @@ def select_landmark_sequence(
     max_valid_distance_for_front_back_append: float = 35.0,
     search=best_sequence_dp,
 ) -> LandmarkSequence:
-    """The reference's anatomical label sequence (REFERENCE.md 5.7), solved exactly.
+    """The reference's anatomical label sequence (docs/reference.md §5.7), solved exactly.
 
     1. first..last = the longest run of landmarks whose global maximum > 0.25 (ties: last run).
     2. The strongest global maximum (>= 0.5) within 30 mm of the column top (bottom) overrides

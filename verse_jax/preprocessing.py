@@ -13,6 +13,8 @@ from verse_jax.io import volume_from_sitk, volume_to_sitk
 
 CT_MIN_HU = -1024.0
 CT_SCALE_HU = 2048.0
+# The normalised value of -1024 HU: everything outside the scan (crop padding, resampling).
+OUTSIDE_NORMALIZED = CT_MIN_HU / CT_SCALE_HU
 
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
 # ITK's recursive Gaussian needs at least this many voxels along every axis.
@@ -90,7 +92,7 @@ def normalize_ct(array) -> np.ndarray:
 def to_stage_grid(volume: Volume, *, spacing_mm: float, smoothing_mm: float) -> Volume:
     """CT volume -> normalised float32 volume on the identity-direction grid of a stage.
 
-    Steps (REFERENCE.md section 3.3): clamp at -1024 HU, Gaussian smoothing with ``smoothing_mm``,
+    Steps (reference §3.3): clamp at -1024 HU, Gaussian smoothing with ``smoothing_mm``,
     linear resampling (default -1024 HU) onto ``physical_bounding_grid(geometry, spacing_mm)``,
     /2048 and clip to [-1, 1].
 

@@ -1,9 +1,9 @@
 """Per-stage samples: host side (context box + random numbers) and device side (jit-able transform).
 
-Host, per sample: the crop centre of the stage (REFERENCE §4.2, §5.2, §6.2), augmentation parameters
-from a numpy generator, and a fixed-size context box of the cached stage volume around the centre
-(padded with the outside value where it leaves the volume). Raw sample (numpy; batched by the
-pipeline with a leading batch axis B)::
+Host, per sample: the crop centre of the stage (``stages.crop_center_vox``), augmentation
+parameters from a numpy generator, and a fixed-size context box of the cached stage volume around
+the centre (padded with the outside value where it leaves the volume). Raw sample (numpy; batched by
+the pipeline with a leading batch axis B)::
 
     image          (bx, by, bz) float16  context box of the normalised CT
     center_vox     (3,) float32          crop centre C + f in box voxels (translation not included)
@@ -18,16 +18,23 @@ pipeline with a leading batch axis B)::
 
 Device: ``make_device_transform(spec)`` returns ``fn(raw_batch) -> batch`` in the formats of
 INTERFACES.md (channels last, float32 unless noted), plus ``example_mask (B,) bool``.
+
+Prediction cuts its network inputs with ``prediction_input``: the same host box and the same
+device sampling (``network_input``) with identity parameters, so that a prediction input equals
+the training sample of the same crop centre without augmentation.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from verse_jax import augmentation as aug
-from verse_jax import heatmaps
+from verse_jax import heatmaps, stages
 from verse_jax.labels import index_to_label
-from verse_jax.stage_cache import StageCase, StageSpec
+from verse_jax.stage_cache import StageCase
+from verse_jax.stages import StageSpec
 
 
 def box_size(spec: StageSpec, volume_sizes, *, train: bool) -> tuple[int, int, int]:
@@ -67,28 +74,24 @@ def _box_start(center_vox, size, volume_shape) -> np.ndarray:
     return np.where(size >= shape, whole, around)
 
 
-def crop_center_vox(
-    case: StageCase, spec: StageSpec, rng: np.random.Generator | None, vertebra: int = -1
-):
-    """(3,) float64 crop centre C + f in stage voxels (REFERENCE §4.2, §5.2, §6.2).
+def _identity_box_size(crop_size, spacing_mm: float, volume_shape) -> tuple[int, int, int]:
+    worst = np.asarray(aug.context_box_size(crop_size, spacing_mm, aug.AugmentRanges.none()))
+    return tuple(int(v) for v in np.minimum(worst, np.asarray(volume_shape, np.int64)))
 
-    Args:
-        case: the cached stage case.
-        spec: stage settings.
-        rng: draws the random z slab of "scn"; None: the slab is centred (evaluation).
-        vertebra: landmark index of the sample ("seg").
-    """
-    shape = np.asarray(case.image.shape, np.float64)
-    center = (shape - 1) / 2
-    if spec.name == "scn":
-        if case.valid.any():
-            center[:2] = case.landmarks_vox[case.valid, :2].mean(axis=0)
-        if rng is not None:
-            center[2] += (shape[2] - spec.crop_size[2]) * rng.uniform(-0.5, 0.5)
-    elif spec.name == "seg":
-        offset = np.array([0.0, spec.posterior_offset_mm, 0.0]) / spec.spacing_mm
-        center = case.landmarks_vox[vertebra].astype(np.float64) + offset
-    return center
+
+def _host_input(volume, spec: StageSpec, center, params, size, point_vox=None):
+    """``(raw, start)``: the context box around ``center`` (stage voxels) and what the device
+    needs to sample it; ``start`` is the box's first voxel in the volume."""
+    start = _box_start(center + params.translation_mm / spec.spacing_mm, size, volume.shape)
+    raw = {
+        "image": np.asarray(cut_box(volume, start, size, aug.OUTSIDE_VALUE), np.float16),
+        "center_vox": (center - start).astype(np.float32),
+        "params": params._asdict(),
+    }
+    if point_vox is not None:
+        raw["heatmap_vox"] = (np.asarray(point_vox) - start)[None, :].astype(np.float32)
+        raw["heatmap_valid"] = np.ones((1,), bool)
+    return raw, start
 
 
 def host_sample(
@@ -103,19 +106,23 @@ def host_sample(
     """One raw sample (see the module docstring); ``rng`` None gives the identity (evaluation)."""
     if spec.name == "seg" and not (0 <= vertebra < len(case.valid) and case.valid[vertebra]):
         raise ValueError(f"case {case.case_id}: landmark {vertebra} is not a valid vertebra")
-    center = crop_center_vox(case, spec, rng, vertebra)
+    column_xy = None
+    if spec.name == "scn" and case.valid.any():
+        column_xy = case.landmarks_vox[case.valid, :2].mean(axis=0)
+    centroid = case.landmarks_vox[vertebra] if spec.name == "seg" else None
+    center = stages.crop_center_vox(
+        spec, case.image.shape, column_xy_vox=column_xy, centroid_vox=centroid, rng=rng
+    )
     if rng is None:
         params = aug.identity_params(spec.augment.control_points)
     else:
         params = aug.sample_params(rng, spec.augment)
-    start = _box_start(center + params.translation_mm / spec.spacing_mm, size, case.image.shape)
-    sample = {
-        "image": cut_box(case.image, start, size, np.float16(aug.OUTSIDE_VALUE)),
-        "center_vox": (center - start).astype(np.float32),
-        "params": params._asdict(),
-        "case_index": np.int32(case_index),
-        "example_mask": np.bool_(True),
-    }
+    point = None
+    if spec.name == "seg":
+        jitter = 0.0 if rng is None else rng.uniform(-1, 1, 3) * spec.landmark_jitter_mm
+        point = case.landmarks_vox[vertebra] + jitter / spec.spacing_mm
+    sample, start = _host_input(case.image, spec, center, params, size, point)
+    sample |= {"case_index": np.int32(case_index), "example_mask": np.bool_(True)}
     if spec.name in ("spine", "scn"):
         sample["landmarks_vox"] = (case.landmarks_vox - start[None, :]).astype(np.float32)
         sample["valid"] = np.asarray(case.valid, bool)
@@ -124,18 +131,43 @@ def host_sample(
     if spec.name == "seg":
         sample["label"] = cut_box(case.labels, start, size, np.uint8(0))
         sample["label_id"] = np.int32(index_to_label(vertebra))
-        jitter = 0.0 if rng is None else rng.uniform(-1, 1, 3) * spec.landmark_jitter_mm
-        point = case.landmarks_vox[vertebra] + jitter / spec.spacing_mm - start
-        sample["heatmap_vox"] = point[None, :].astype(np.float32)
-        sample["heatmap_valid"] = np.ones((1,), bool)
     return sample
+
+
+def network_input(spec: StageSpec, raw: dict, crop_size=None):
+    """Device: the network input of one raw sample and its sampling grid.
+
+    Returns ``(image (x, y, z, C) float32, grid (x, y, z, 3))``: the CT channel sampled linearly
+    at the augmented positions with the intensity augmentation, and for "seg" the peak-1 centroid
+    Gaussian (``spec.heatmap_sigma_vox``, the reference's truncated window) at the centroid
+    carried into the crop.
+    """
+    crop_size = spec.crop_size if crop_size is None else tuple(crop_size)
+    params = aug.AugmentParams(**raw["params"])
+    s = spec.spacing_mm
+    grid = aug.sampling_grid_vox(params, raw["center_vox"], crop_size, s)
+    image = aug.apply_intensity(aug.apply_linear(raw["image"], grid), params)[..., None]
+    if spec.name == "seg":
+        point, valid = aug.apply_landmarks(
+            params, raw["center_vox"], grid, raw["heatmap_vox"], raw["heatmap_valid"], s
+        )
+        heat = heatmaps.gaussian_heatmaps(
+            point,
+            valid,
+            spec.heatmap_sigma_vox,
+            crop_size,
+            scale=1.0,
+            normalize=False,
+            window=heatmaps.NUMPY_WINDOW_SIGMAS,
+        )
+        image = jnp.concatenate([image, heat.astype(jnp.float32)], axis=-1)
+    return image, grid
 
 
 def _transform_one(spec: StageSpec, raw: dict) -> dict:
     params = aug.AugmentParams(**raw["params"])
     s = spec.spacing_mm
-    grid = aug.sampling_grid_vox(params, raw["center_vox"], spec.crop_size, s)
-    image = aug.apply_intensity(aug.apply_linear(raw["image"], grid), params)[..., None]
+    image, grid = network_input(spec, raw)
     out = {"image": image, "example_mask": raw["example_mask"]}
     if spec.name in ("spine", "scn"):
         points, valid = aug.apply_landmarks(
@@ -145,16 +177,39 @@ def _transform_one(spec: StageSpec, raw: dict) -> dict:
     if spec.name == "scn":
         out["mask"] = aug.apply_nearest(raw["mask"], grid)[..., None]
     if spec.name == "seg":
-        point, valid = aug.apply_landmarks(
-            params, raw["center_vox"], grid, raw["heatmap_vox"], raw["heatmap_valid"], s
-        )
-        heat = heatmaps.gaussian_heatmaps(
-            point, valid, spec.heatmap_sigma_vox, spec.crop_size, scale=1.0, normalize=False
-        )
-        out["image"] = jnp.concatenate([image, heat.astype(jnp.float32)], axis=-1)
         label = aug.apply_nearest(raw["label"], grid) == raw["label_id"]
         out["label"] = label.astype(jnp.float32)[..., None]
     return out
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_network_input(spec: StageSpec, crop_size: tuple[int, int, int]):
+    return jax.jit(lambda raw: network_input(spec, raw, crop_size)[0])
+
+
+def prediction_input(
+    volume, spec: StageSpec, center_vox, *, crop_size=None, centroid_vox=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The network input of a prediction: ``network_input`` with identity parameters.
+
+    Args:
+        volume: (x, y, z) normalised stage volume (stored as float16, as the training cache).
+        spec: the stage.
+        center_vox: (3,) crop centre in stage voxels (``stages.crop_center_vox``).
+        crop_size: None (the stage's crop) or another size (the SCN's whole column).
+        centroid_vox: "seg": (3,) the vertebra centroid in stage voxels.
+
+    Returns:
+        ``(x (x, y, z, C) float32, origin_vox (3,))``: crop voxel ``j`` samples stage voxel
+        ``origin_vox + j``.
+    """
+    crop_size = spec.crop_size if crop_size is None else tuple(int(v) for v in crop_size)
+    center = np.asarray(center_vox, np.float64)
+    size = _identity_box_size(crop_size, spec.spacing_mm, np.shape(volume))
+    params = aug.identity_params(spec.augment.control_points)
+    raw, _ = _host_input(np.asarray(volume), spec, center, params, size, centroid_vox)
+    x = np.asarray(_jitted_network_input(spec, crop_size)(raw))
+    return x, center - (np.asarray(crop_size, np.float64) - 1) / 2
 
 
 def make_device_transform(spec: StageSpec):

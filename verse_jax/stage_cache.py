@@ -1,8 +1,8 @@
-"""Per-stage settings and the per-case, per-stage disk cache of resampled volumes.
+"""The per-case, per-stage disk cache of resampled volumes (stage definitions: ``stages``).
 
 Once per case and stage (host, SimpleITK through ``preprocessing``): the CT on the stage's
 isotropic axis-aligned grid (``preprocessing.to_stage_grid``), the label mask resampled nearest
-onto it (stage "seg"), the landmark mask of REFERENCE §5.2 (stage "scn") and the landmark positions
+onto it (stage "seg"), the landmark mask of reference §5.2 (stage "scn") and the landmark positions
 in stage voxels. Stored as ``.npy`` files memory-mapped on reading, in a folder keyed by case id and
 a hash of the stage settings and the source files, written atomically (temporary folder + rename).
 The image is cached as float16 (normalised values in [-1, 1]: at most 1 HU rounding error).
@@ -20,68 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from verse_jax import io, preprocessing
-from verse_jax.augmentation import AugmentRanges
 from verse_jax.geometry import Geometry, Volume
+from verse_jax.stages import StageSpec, mask_margin_slices
 
 logger = logging.getLogger(__name__)
 
-STAGE_NAMES = ("spine", "scn", "seg")
 CACHE_VERSION = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class StageSpec:
-    """Grid, crop and augmentation settings of one training stage.
-
-    Attributes:
-        name: "spine" (stage 1), "scn" (stage 2) or "seg" (stage 3).
-        spacing_mm: isotropic spacing of the stage grid and of the network crop.
-        crop_size: (x, y, z) network input size in voxels.
-        smoothing_mm: Gaussian sigma (mm) applied before resampling.
-        num_landmarks: 25 (VerSe'19) or 26 (with T13).
-        augment: random augmentation ranges (training).
-        landmark_jitter_mm: "seg": the centroid heatmap's position ~ centroid + U(-a, a) mm.
-        posterior_offset_mm: "seg": crop centre = centroid + (0, offset, 0) mm (+y posterior).
-        heatmap_sigma_vox: "seg": sigma of the peak-1 centroid Gaussian (second input channel).
-        mask_margin_mm: "scn": the landmark mask is 0 within this distance of the scan's z ends.
-    """
-
-    name: str
-    spacing_mm: float
-    crop_size: tuple[int, int, int]
-    smoothing_mm: float
-    num_landmarks: int = 25
-    augment: AugmentRanges = AugmentRanges()
-    landmark_jitter_mm: float = 3.0
-    posterior_offset_mm: float = 20.0
-    heatmap_sigma_vox: float = 3.0
-    mask_margin_mm: float = 25.0
-
-    def __post_init__(self):
-        if self.name not in STAGE_NAMES:
-            raise ValueError(f"stage name must be one of {STAGE_NAMES}, got {self.name!r}")
-        crop = tuple(int(v) for v in self.crop_size)
-        if len(crop) != 3 or min(crop) < 1:
-            raise ValueError(f"crop_size must be 3 positive ints, got {self.crop_size}")
-        object.__setattr__(self, "crop_size", crop)
-        if not self.spacing_mm > 0 or self.smoothing_mm < 0:
-            raise ValueError(f"bad spacing/smoothing: {self.spacing_mm}, {self.smoothing_mm}")
-        if self.num_landmarks not in (25, 26):
-            raise ValueError(f"num_landmarks must be 25 or 26, got {self.num_landmarks}")
-
-    def cache_key(self) -> dict:
-        """The settings that determine the cached arrays (not the crop or augmentation)."""
-        key = {"name": self.name, "spacing_mm": float(self.spacing_mm)}
-        key |= {"smoothing_mm": float(self.smoothing_mm), "num_landmarks": self.num_landmarks}
-        if self.name == "scn":
-            key["mask_margin_mm"] = float(self.mask_margin_mm)
-        return key
-
-
-# Paper settings (REFERENCE §4.2, §5.2, §6.2).
-SPINE_PAPER = StageSpec("spine", 8.0, (64, 64, 128), 3.0)
-SCN_PAPER = StageSpec("scn", 2.0, (96, 96, 128), 0.75)
-SEG_PAPER = StageSpec("seg", 1.0, (128, 128, 96), 0.75)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,10 +68,10 @@ def cache_path(case: io.Case, spec: StageSpec, cache_dir) -> Path:
     return Path(cache_dir) / f"{case.case_id}-{digest}"
 
 
-def _landmark_mask(image: Volume, stage: Geometry, margin_mm: float) -> np.ndarray:
-    """REFERENCE §5.2 mask: ones on the scan grid except ``margin_mm`` at both z ends, resampled."""
+def _landmark_mask(image: Volume, stage: Geometry, spec: StageSpec) -> np.ndarray:
+    """Reference §5.2 mask: ones on the scan grid except a margin at both z ends, resampled."""
     axis = int(np.argmax(np.abs(image.geometry.matrix[2])))  # index axis closest to world z
-    cut = int(round(margin_mm / image.geometry.spacing_mm[axis]))
+    cut = mask_margin_slices(spec, image.geometry.spacing_mm[axis])
     ones = np.ones(image.geometry.size, np.uint8)
     index = [slice(None)] * 3
     index[axis] = slice(0, cut)
@@ -162,7 +106,7 @@ def _compute_arrays(case: io.Case, spec: StageSpec) -> tuple[dict, dict]:
             raise ValueError(f"{case.mask_path}: label ids above 255")
         arrays["labels"] = np.asarray(mask.array, np.uint8)
     if spec.name == "scn":
-        arrays["landmark_mask"] = _landmark_mask(image, stage.geometry, spec.mask_margin_mm)
+        arrays["landmark_mask"] = _landmark_mask(image, stage.geometry, spec)
     geometry = dataclasses.asdict(stage.geometry)
     meta = {"case_id": case.case_id, "geometry": geometry, "stage": spec.cache_key()}
     meta |= {"landmarks_vox": np.asarray(points_vox, np.float32).tolist()}

@@ -5,7 +5,11 @@ optimizer and loop. Configs are `ml_collections.ConfigDict`s, locked so that a m
 override (`--config.optim.lr=...`) is an error instead of a silently new field.
 """
 
+import dataclasses
+
 import ml_collections
+
+from verse_jax import stages
 
 PRESETS = ("paper", "demo", "smoke")
 
@@ -33,25 +37,22 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.data.phantom_cases = 0  # 0: phantoms.default_dataset()'s default number of cases
     c.data.cache_dir = ""  # stage-volume cache; empty: ~/.cache/verse-jax/stages
     c.data.fold = "all"  # 0|1|2 (three-fold cross-validation over the training cases) or all
+    # JSON {"0": {"train": [ids], "val": [ids]}, ...}: fixed folds (e.g. the original's) instead
+    # of the seeded random split; empty: seeded split.
+    c.data.fold_file = ""
     # 25 (VerSe'19); the phantoms, like VerSe'20, have T13 in some cases: 26 (presets below).
     c.data.num_landmarks = 25 if preset == "paper" else 26
-    c.data.spacing_mm = 2.0
-    c.data.crop_size = (96, 96, 128)
-    c.data.smoothing_mm = 0.75
+    # The stage's grid: the paper definition (verse_jax.stages); presets override it.
+    paper = stages.PAPER[stage]
+    c.data.spacing_mm = paper.spacing_mm
+    c.data.crop_size = paper.crop_size
+    c.data.smoothing_mm = paper.smoothing_mm
     c.data.augment = True
     # Half-widths of the uniform augmentation draws (verse_jax.augmentation.AugmentRanges); the
-    # defaults are the paper's (REFERENCE §3.3-3.4), the demo presets narrow them.
-    c.data.aug = ml_collections.ConfigDict(
-        {
-            "translation_mm": 30.0,
-            "rotation_rad": 0.25,
-            "scale_iso": 0.15,
-            "scale_axes": 0.15,
-            "displacement_mm": 25.0,
-            "intensity_shift": 0.25,
-            "intensity_scale": 0.25,
-        }
-    )
+    # defaults are the paper definition's (docs/reference.md §3.3-3.4); presets may narrow them.
+    ranges = dataclasses.asdict(paper.augment)
+    del ranges["control_points"]  # a fixed part of the definition, not a range
+    c.data.aug = ml_collections.ConfigDict(ranges)
     c.data.worker_count = 0  # Grain worker processes (0: in the training process)
 
     c.model = ml_collections.ConfigDict()

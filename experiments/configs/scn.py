@@ -12,14 +12,15 @@ demo: built-in phantoms (26 landmarks: some have T13), demo SCN (3 levels, 16 fi
     held-out phantoms (41 vertebrae) / mean localisation distance: step 400 (6.1 min) 6 % / 119 mm,
     600 (7.4) 34 % / 19 mm, 1000 (10.1) 47 % / 14 mm, 1200 (11.4) 71 % / 6.6 mm, 1400 (12.7)
     80 % / 6.6 mm, 1600-1800 (14-15) 77 % / 6.5 mm, 2000 (16.6) 75 % / 7.5 mm.
-paper: REFERENCE §5 (submitted model): 2 mm, 96 x 96 x 128 windows, SGD Nesterov 0.99, lr 5e-8
+paper: reference §5 (submitted model): 2 mm, 96 x 96 x 128 windows, SGD Nesterov 0.99, lr 5e-8
     (x0.5 after 50k, x0.1 after 75k), 100k steps, weight decay 5e-4, sigma regulariser 100,
     batch 1. The original managed ~10k iterations a day on a V100 (ARCHITECTURE.md); ~95 %
-    identification rate reported (from memory, unverified: REFERENCE §13).
+    identification rate reported (from memory, unverified: docs/reference.md §13).
 smoke: a tiny network for tests, two steps in seconds.
 """
 
 from experiments.configs import apply_smoke, base_config, check_preset
+from verse_jax import stages
 
 
 def get_config(arg=None):
@@ -33,8 +34,9 @@ def get_config(arg=None):
     # Both heads start near 0 (paper: truncated normal 0.001), so their product starts at a
     # saddle that SGD leaves only after thousands of steps; the demo starts further out.
     c.model.head_init_std = 0.001
+    # Landmark mask margin at the scan's z ends (verse_jax.stages.StageSpec.mask_margin_rule).
+    c.data.mask_margin_rule = stages.SCN_PAPER.mask_margin_rule
     if preset == "paper":
-        c.data.spacing_mm, c.data.crop_size, c.data.smoothing_mm = 2.0, (96, 96, 128), 0.75
         c.model.preset = "paper"
         c.optim.name, c.optim.lr, c.optim.momentum = "sgd_nesterov", 5e-8, 0.99
         c.optim.boundaries, c.optim.scales = (50_000, 75_000), (0.5, 0.1)
@@ -51,9 +53,11 @@ def get_config(arg=None):
         c.train.num_steps, c.train.log_every = 2_000, 10
         c.train.eval_every, c.train.checkpoint_every = 200, 200
         c.eval.overlap_z = 32
+        c.data.mask_margin_rule = "mm"  # 25 mm (the paper's rule is int(25 h_z) slices)
     else:  # smoke
         apply_smoke(c)
         c.data.spacing_mm, c.data.crop_size, c.data.smoothing_mm = 8.0, (16, 16, 16), 3.0
         c.eval.overlap_z = 8
+        c.data.mask_margin_rule = "mm"
     c.lock()
     return c

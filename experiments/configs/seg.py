@@ -9,12 +9,13 @@ demo: built-in phantoms, demo U-Net (4 levels, 16 filters) at 3 mm on 32 x 32 x 
     the vertebrae, Adam 1e-3, 800 steps. Measured on the shared 2-core CPU (other runs beside it):
     7.6 minutes; validation mean per-vertebra Dice on the held-out phantoms 0 up to step 500
     (5.2 min; the net first predicts background), 0.14 at 600, 0.27 at 800 (7.6 min), rising.
-paper: REFERENCE §6 (submitted model): 1 mm, 128 x 128 x 96, Adam 1e-4 with clip_by_global_norm
+paper: reference §6 (submitted model): 1 mm, 128 x 128 x 96, Adam 1e-4 with clip_by_global_norm
     1.0 (x0.5 after 20k, x0.1 after 40k), 50k steps, weight decay 1e-6, batch 1.
 smoke: a tiny network for tests, two steps in seconds.
 """
 
 from experiments.configs import apply_smoke, base_config, check_preset
+from verse_jax import stages
 
 
 def get_config(arg=None):
@@ -23,8 +24,10 @@ def get_config(arg=None):
     c.optim.weight_decay = 1e-6
     c.optim.clip_norm = 1.0
     c.optim.dice_weight = 0.0  # soft Dice term added to the cross-entropy (paper: none)
+    # Crop centre behind the centroid and the centroid channel's sigma (verse_jax.stages).
+    c.data.posterior_offset_mm = stages.SEG_PAPER.posterior_offset_mm
+    c.data.heatmap_sigma_vox = stages.SEG_PAPER.heatmap_sigma_vox
     if preset == "paper":
-        c.data.spacing_mm, c.data.crop_size, c.data.smoothing_mm = 1.0, (128, 128, 96), 0.75
         c.model.preset = "paper"
         c.optim.name, c.optim.lr = "adam", 1e-4
         c.optim.boundaries, c.optim.scales = (20_000, 40_000), (0.5, 0.1)

@@ -9,7 +9,7 @@ demo: built-in phantoms, demo U-Net (4 levels, 16 filters) at 8 mm on 32 x 32 x 
     1e-3, 600 steps. Measured on the shared 2-core CPU (an SCN run beside it, so pessimistic):
     8.4 minutes; validation x-y distance of the spine point on 5 held-out phantoms 27.3 mm (step
     100, 4.4 min) -> 13.7 (200) -> 10.5 (400, 7.3 min) -> 10.2 mm (600, 8.4 min).
-paper: REFERENCE §4: 8 mm, 64 x 64 x 128, Adam 1e-4 (x0.5 after 10k, x0.1 after 15k), 20k
+paper: reference §4: 8 mm, 64 x 64 x 128, Adam 1e-4 (x0.5 after 10k, x0.1 after 15k), 20k
     steps, weight decay 5e-4, batch 1.
 smoke: a tiny network for tests, two steps in seconds.
 """
@@ -22,7 +22,6 @@ def get_config(arg=None):
     c = base_config("spine", preset)
     c.optim.weight_decay = 5e-4
     c.optim.heatmap_sigma = 3.0  # voxels: spine target Gaussians and their blur
-    c.data.spacing_mm, c.data.crop_size, c.data.smoothing_mm = 8.0, (64, 64, 128), 3.0
     if preset == "paper":
         c.model.preset = "paper"
         c.optim.name, c.optim.lr = "adam", 1e-4
