@@ -96,7 +96,12 @@ def build_optimizer(optim: ml_collections.ConfigDict):
 
 
 # Stage definition fields a config may set in `config.data` (besides the grid, K and augment).
-_SPEC_FIELDS = ("posterior_offset_mm", "heatmap_sigma_vox", "mask_margin_rule")
+_SPEC_FIELDS = (
+    "posterior_offset_mm",
+    "heatmap_sigma_vox",
+    "mask_margin_rule",
+    "window_pad_value",
+)
 
 
 def stage_spec(config: ml_collections.ConfigDict) -> StageSpec:

@@ -8,6 +8,7 @@ stage exported with a non-default definition is applied with that definition.
 
 import dataclasses
 import json
+import types
 
 import flax.linen as nn
 import jax
@@ -213,3 +214,32 @@ def test_landmark_mask_margin_rules():
     assert stages.mask_margin_slices(mm, 3.0) == 8 and stages.mask_margin_slices(mm, 0.8) == 31
     assert stages.mask_margin_slices(paper, 1.0) == stages.mask_margin_slices(mm, 1.0) == 25
     assert paper.cache_key() != mm.cache_key()  # the two masks are cached apart
+
+
+def test_window_pad_value_is_part_of_the_definition():
+    # demo-style definitions pad short SCN columns as the training crops (-1024 HU); the paper's
+    # keeps the reference's -1; definitions of version 1 were predicted with -1
+    assert stages.StageSpec("scn", 4.0, (8, 8, 8), 1.0).window_pad_value == -0.5
+    assert stages.SCN_PAPER.window_pad_value == -1.0
+    old = SPECS["scn"].to_dict() | {"definition_version": 1}
+    del old["window_pad_value"]
+    assert stages.StageSpec.from_dict(old).window_pad_value == -1.0
+
+
+@pytest.mark.parametrize("pad", [-0.5, -1.0])
+def test_short_scn_column_is_padded_with_the_definition_value(pad, monkeypatch):
+    from verse_jax import inference
+
+    seen = {}
+
+    def fake_sliding_window(apply, column, *, window_z, overlap_z, batch_size, pad_value):
+        seen["pad"] = pad_value
+        return jnp.zeros((*column.shape[:3], SPECS["scn"].num_landmarks))
+
+    monkeypatch.setattr(inference, "sliding_window", fake_sliding_window)
+    spec = dataclasses.replace(SPECS["scn"], window_pad_value=pad)
+    stage = types.SimpleNamespace(spec=spec, apply_partial=lambda kind: None)
+    geometry = Geometry((20, 20, 6), (spec.spacing_mm,) * 3, (0.0, 0.0, 0.0))
+    volume = Volume(np.zeros(geometry.size, np.float32), geometry)
+    pipeline.predict_landmark_sequence(volume, np.zeros(3), stage)
+    assert seen["pad"] == pad

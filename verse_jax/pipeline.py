@@ -199,7 +199,10 @@ def predict_landmark_sequence(
     geometry = _crop_geometry(volume, origin_vox, size)
     if whole_column:
         merged = inference.whole_column(
-            stage.apply_fn("heatmaps"), jnp.asarray(column), multiple=window_z
+            stage.apply_fn("heatmaps"),
+            jnp.asarray(column),
+            multiple=window_z,
+            pad_value=spec.window_pad_value,
         )
     else:
         merged = inference.sliding_window(
@@ -208,7 +211,7 @@ def predict_landmark_sequence(
             window_z=window_z,
             overlap_z=window_z * 3 // 4 if overlap_z is None else int(overlap_z),
             batch_size=batch_size,
-            pad_value=stages.WINDOW_PAD_VALUE,
+            pad_value=spec.window_pad_value,
         )
     rule = spec.candidates
     candidates = postprocessing.landmark_candidates(

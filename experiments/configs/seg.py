@@ -14,7 +14,7 @@ paper: reference §6 (submitted model): 1 mm, 128 x 128 x 96, Adam 1e-4 with cli
 smoke: a tiny network for tests, two steps in seconds.
 """
 
-from experiments.configs import apply_smoke, base_config, check_preset
+from experiments.configs import DEMO_AUGMENTATION, apply_smoke, base_config, check_preset
 from verse_jax import stages
 
 
@@ -33,11 +33,15 @@ def get_config(arg=None):
         c.optim.boundaries, c.optim.scales = (20_000, 40_000), (0.5, 0.1)
         c.train.num_steps, c.train.eval_every, c.train.checkpoint_every = 50_000, 5_000, 5_000
     elif preset == "demo":
-        c.data.spacing_mm, c.data.crop_size, c.data.smoothing_mm = 3.0, (32, 32, 32), 1.0
+        # 100 mm crops at 2.5 mm (a 1 mm-grid mask downsampled to 2.5 mm and back keeps Dice 0.95;
+        # at 3 mm 0.92), moderate augmentation, cross-entropy + soft Dice, 64 phantoms.
+        c.data.phantom_cases = 64
+        c.data.spacing_mm, c.data.crop_size, c.data.smoothing_mm = 2.5, (40, 40, 40), 0.75
+        c.data.aug.update(DEMO_AUGMENTATION | {"translation_mm": 3.0, "rotation_rad": 0.1})
         c.model.preset = "demo"
-        c.optim.name, c.optim.lr = "adam", 1e-3
-        c.optim.boundaries, c.optim.scales = (500, 700), (0.5, 0.1)
-        c.train.num_steps, c.train.log_every = 800, 10
+        c.optim.name, c.optim.lr, c.optim.dice_weight = "adam", 1e-3, 1.0
+        c.optim.boundaries, c.optim.scales = (800, 1_000), (0.5, 0.1)
+        c.train.num_steps, c.train.log_every = 1_200, 10
         c.train.eval_every, c.train.checkpoint_every = 100, 100
     else:  # smoke
         apply_smoke(c)

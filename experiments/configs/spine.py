@@ -28,6 +28,7 @@ def get_config(arg=None):
         c.optim.boundaries, c.optim.scales = (10_000, 15_000), (0.5, 0.1)
         c.train.num_steps, c.train.eval_every, c.train.checkpoint_every = 20_000, 5_000, 5_000
     elif preset == "demo":
+        c.data.phantom_cases = 64  # the data set of the other two demo stages
         c.data.crop_size = (32, 32, 64)
         c.model.preset = "demo"
         c.optim.name, c.optim.lr = "adam", 1e-3
