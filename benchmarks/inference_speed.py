@@ -5,7 +5,8 @@ SCN sliding-window inference on a realistic column (default 96 x 96 x 400 voxels
 same weights:
 
   (a) ours: `verse_jax.inference.sliding_window` (all windows in one jitted function, batched);
-  (b) the original's way: a Python loop over windows, one jitted network call each, max on the host;
+  (b) the original's way: a Python loop over windows, one jitted network call each, max on the host
+      (the weights are an argument of the jitted call, as in (a), not compile-time constants);
   (c) PyTorch + MONAI `sliding_window_inference` on the same architecture and windows (needs the
       optional `bench` extra; weights copied over, outputs compared with our mean merge, as MONAI
       averages overlapping windows).
@@ -13,13 +14,14 @@ same weights:
 Compile time is reported apart. Then windows/s, voxels/s, achieved FLOP/s (XLA `cost_analysis`) as a
 fraction of this device's matmul peak measured in the same run, and the ratios. Also: segmentation
 (all vertebra crops in one batch vs one at a time), whole-column inference vs windows, and one whole
-`predict_case`. Contenders alternate within each repeat; ratios are medians of per-repeat ratios.
+`predict_case`. The contenders alternate over the rounds (a, b, c, a, b, c, ...; at least 3) and
+each ratio is the median of the per-round ratios (a/b, a/c in one round).
 
-    python benchmarks/inference_speed.py                 # paper networks (minutes on a CPU)
+    python benchmarks/inference_speed.py                 # paper networks (an hour on 2 CPU cores)
     python benchmarks/inference_speed.py --quick         # smoke run (tiny networks)
     python benchmarks/inference_speed.py --dtype bfloat16 --batch-sizes 1,2,5
 
-Writes `benchmarks/results/<device>-<date>.json`.
+Writes `benchmarks/results/<device>-<preset>-<dtype>-<date>.json` (`--quick`: a temporary folder).
 """
 
 import argparse
@@ -54,11 +56,11 @@ def parse_args(argv=None):
     p.add_argument("--overlap", type=int, default=96, help="window overlap in slices")
     p.add_argument("--xy", type=int, default=96, help="column x and y size in voxels")
     p.add_argument("--batch-sizes", default="1,2", help="windows per network call, comma list")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds (at least 3)")
     p.add_argument("--seg-vertebrae", type=int, default=4, help="crops in the segmentation test")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch/MONAI contender")
     p.add_argument("--skip", default="", help="comma list of sections: seg,column,predict")
-    p.add_argument("--quick", action="store_true", help="tiny networks and sizes, one repeat")
+    p.add_argument("--quick", action="store_true", help="tiny networks and sizes")
     p.add_argument(
         "--scn-export",
         default=None,
@@ -69,7 +71,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.preset, args.column_z, args.window_z, args.overlap, args.xy = "tiny", 48, 16, 8, 16
-        args.repeats, args.seg_vertebrae, args.batch_sizes = 1, 2, "1,2"
+        args.seg_vertebrae, args.batch_sizes = 2, "1,2"
+    if args.repeats < 3:
+        p.error(f"--repeats {args.repeats}: at least 3 alternating rounds")
     return args
 
 
@@ -95,15 +99,17 @@ def flops_of(fn, *args) -> float:
     return float(cost.get("flops", float("nan")))
 
 
-def loop_windows(apply_one, column: np.ndarray, window_z: int, overlap_z: int) -> np.ndarray:
-    """The original's way: one network call per window, merged by max on the host from zeros."""
+def loop_windows(apply_one, params, column: np.ndarray, window_z: int, overlap_z: int):
+    """The original's way: one network call per window, merged by max on the host from zeros.
+
+    ``apply_one(params, window)`` is jitted with the weights as an argument, as ours is."""
     size_z = column.shape[2]
     stride = window_z - overlap_z
     n = inference.num_windows(size_z, window_z=window_z, overlap_z=overlap_z)
     merged = None
     for i in range(n):
         start = min(i * stride, size_z - window_z)
-        pred = np.asarray(apply_one(column[None, :, :, start : start + window_z]))[0]
+        pred = np.asarray(apply_one(params, column[None, :, :, start : start + window_z]))[0]
         if merged is None:
             merged = np.zeros(pred.shape[:2] + (size_z,) + pred.shape[3:], pred.dtype)
         view = merged[:, :, start : start + window_z]
@@ -121,11 +127,12 @@ def scn_section(args, rows, result):
         )["params"],
         seed=0,
     )
+    params = jax.tree_util.tree_map(jnp.asarray, params)  # on the device once, for every contender
     rng = np.random.default_rng(0)
     column = rng.uniform(-1, 1, (args.xy, args.xy, args.column_z, 1)).astype(np.float32)
     n_win = inference.num_windows(args.column_z, window_z=args.window_z, overlap_z=args.overlap)
     apply_partial = jax.tree_util.Partial(bundle_lib.apply_function(net, "heatmaps"), params)
-    apply_one = jax.jit(lambda x: net.apply({"params": params}, x, train=False).heatmaps)
+    apply_one = jax.jit(lambda p, x: net.apply({"params": p}, x, train=False).heatmaps)
     # Direct-convolution FLOPs (XLA counts the Winograd path's batched products far too low).
     lax_net = vertebrae_localization_net(preset=args.preset, dtype=dtype, conv_impl="lax")
     win_flops = flops_of(
@@ -148,7 +155,7 @@ def scn_section(args, rows, result):
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     contenders = {f"ours bs={b}": (lambda b=b: ours(b)) for b in batch_sizes}
     contenders["loop (original)"] = lambda: loop_windows(
-        apply_one, column, args.window_z, args.overlap
+        apply_one, params, column, args.window_z, args.overlap
     )
     torch_fn, torch_out = torch_contender(args, net, params, column, n_win)
     if torch_fn is not None:
@@ -156,9 +163,10 @@ def scn_section(args, rows, result):
     compile_s, times = {}, {name: [] for name in contenders}
     for name, fn in contenders.items():  # first call: compile (JAX) / warm-up (torch)
         compile_s[name] = timed(fn)[0]
-    for _ in range(args.repeats):
+    for _ in range(args.repeats):  # rounds: a, b, c, a, b, c, ...
         for name, fn in contenders.items():
             times[name].append(timed(fn)[0])
+    result["scn"]["round_seconds"] = times
     for name in contenders:
         best = min(times[name])
         compile_s[name] = max(0.0, compile_s[name] - best)
@@ -167,6 +175,7 @@ def scn_section(args, rows, result):
                 "section": "scn column",
                 "contender": name,
                 "seconds": best,
+                "median_seconds": statistics.median(times[name]),
                 "compile_s": compile_s[name],
                 "windows_per_s": n_win / best,
                 "voxels_per_s": float(np.prod(column.shape[:3])) / best,
@@ -175,6 +184,7 @@ def scn_section(args, rows, result):
                 "flop_fraction_of_peak": n_win * win_flops / best / peak,
             }
         )
+    # Speed-ups: per round, the contender's time over ours in that round; then the median.
     for b in batch_sizes:
         ours_t = times[f"ours bs={b}"]
         rows[-len(contenders) + batch_sizes.index(b)]["ratio_vs_loop"] = statistics.median(
@@ -185,7 +195,7 @@ def scn_section(args, rows, result):
                 t / o for t, o in zip(times["torch+MONAI bs=1"], ours_t, strict=True)
             )
     ours_max = np.asarray(ours(batch_sizes[0]))
-    loop_max = loop_windows(apply_one, column, args.window_z, args.overlap)
+    loop_max = loop_windows(apply_one, params, column, args.window_z, args.overlap)
     result["scn"]["rel_diff_ours_vs_loop"] = float(
         np.abs(ours_max - loop_max).max() / (np.abs(loop_max).max() or 1.0)
     )
@@ -270,15 +280,15 @@ def column_section(args, rows, result, net, params, column, apply_one):
     divisor = int(np.lcm(2 ** (net.num_levels - 1), net.spatial_downsample))
     size_z = column.shape[2] // divisor * divisor
     col = jnp.asarray(column[None, :, :, :size_z])
-    whole = jax.jit(lambda x: net.apply({"params": params}, x, train=False).heatmaps)
+    whole = jax.jit(lambda p, x: net.apply({"params": p}, x, train=False).heatmaps)
     lax_net = net.clone(conv_impl="lax")
     flops_whole = flops_of(
         lambda x: lax_net.apply({"params": params}, x, train=False).heatmaps, col
     )
-    compile_s = timed(whole, col)[0]
-    t_whole = min(timed(whole, col)[0] for _ in range(args.repeats))
-    out_whole = np.maximum(np.asarray(whole(col))[0], 0.0)
-    out_win = loop_windows(apply_one, np.asarray(col[0]), args.window_z, args.overlap)
+    compile_s = timed(whole, params, col)[0]
+    t_whole = min(timed(whole, params, col)[0] for _ in range(args.repeats))
+    out_whole = np.maximum(np.asarray(whole(params, col))[0], 0.0)
+    out_win = loop_windows(apply_one, params, np.asarray(col[0]), args.window_z, args.overlap)
     n_win = inference.num_windows(size_z, window_z=args.window_z, overlap_z=args.overlap)
     rows.append(
         {
@@ -420,12 +430,9 @@ def main(argv=None):
     print(f"device {result['device']}, matmul peak {result['peak_flops'] / 1e9:.0f} GFLOP/s")
     print_table(rows)
     print(json.dumps({k: v for k, v in result.items() if k in ("scn", "whole_column")}, indent=1))
-    out = (
-        pathlib.Path(args.out)
-        if args.out
-        else RESULTS
-        / (f"{device.platform}-{args.preset}-{args.dtype}-{datetime.date.today()}.json")
-    )
+    folder = pathlib.Path(tempfile.gettempdir()) / "verse-jax-benchmarks" if args.quick else RESULTS
+    name = f"{device.platform}-{args.preset}-{args.dtype}-{datetime.date.today()}.json"
+    out = pathlib.Path(args.out) if args.out else folder / name
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
