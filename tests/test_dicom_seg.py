@@ -119,6 +119,7 @@ def test_cli_writes_the_seg_for_a_dicom_series(phantom, tmp_path, monkeypatch, c
         )
 
     monkeypatch.setattr(pipeline, "predict_case_details", fake_prediction)
+    monkeypatch.setattr(pipeline, "prepare_case", lambda image, model: None)
     # the CLI reads only the SCN window length of the bundle before predict_case_details
     fake_bundle = types.SimpleNamespace(
         scn=types.SimpleNamespace(grid=bundle.StageGrid(4, (8, 8, 16), 1)), extra={}, path="m"

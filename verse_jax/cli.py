@@ -7,6 +7,7 @@ found before any case runs.
 
 import argparse
 import csv
+import functools
 import io as text_io
 import json
 import logging
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from verse_jax import io, metrics
+from verse_jax import batch_predict, io, metrics
 
 logger = logging.getLogger("verse_jax.cli")
 
@@ -136,10 +137,11 @@ def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
         raise ValueError(f"{existing[0]}: exists{more}; pass --overwrite to replace")
 
 
-def _prepare_output_folder(path: Path) -> None:
-    """Create the (checked) output folder; remove temporary files of killed runs in it."""
+def _prepare_output_folder(path: Path, names: list[str] | None = None) -> None:
+    """Create the (checked) output folder; remove temporary files of killed runs in it (only those
+    of the output file ``names`` if given)."""
     path.mkdir(parents=True, exist_ok=True)
-    removed = io.remove_stale_temporaries(path)
+    removed = io.remove_stale_temporaries(path, names)
     if removed:
         logger.info("%s: removed %d temporary files of an interrupted run", path, len(removed))
 
@@ -163,11 +165,20 @@ def _check_overlap(overlap: int | None, window_z: int | None = None) -> None:
         )
 
 
-def _predict_one(case_id, ct_path, out_dir, model, args) -> dict:
-    from verse_jax import label_confidence, pipeline, preview
+def _read_case(case: tuple[str, Path], model):
+    """The CT and its stage volumes (``pipeline.prepare_case``); runs ahead in a thread."""
+    from verse_jax import pipeline
 
+    ct_path = case[1]
     image = io.read_volume(ct_path)
     pipeline.check_ct(image, str(ct_path))
+    return image, pipeline.prepare_case(image, model)
+
+
+def _predict_one(case_id, ct_path, out_dir, model, args, prepared) -> dict:
+    from verse_jax import label_confidence, pipeline, preview
+
+    image, volumes = prepared
     margin = args.label_margin
     result = pipeline.predict_case_details(
         image,
@@ -175,6 +186,7 @@ def _predict_one(case_id, ct_path, out_dir, model, args) -> dict:
         overlap_z=args.overlap,
         keep_probabilities=args.save_probabilities,
         margin_threshold=label_confidence.DEFAULT_MARGIN_THRESHOLD if margin is None else margin,
+        volumes=volumes,
     )
     centroids, mask = result.centroids, result.mask
     labels = np.asarray(mask.array, np.uint16)
@@ -226,34 +238,40 @@ def cmd_predict(args) -> int:
     _check_output_folder(out_dir)
     model = _load_model(args.model)
     _check_overlap(args.overlap, model.scn.grid.crop_size[2])
-    inputs = find_inputs(Path(args.input))
+    all_inputs = find_inputs(Path(args.input))
+    shard = batch_predict.run_shard(args.shard, args.distributed)
+    inputs = shard.select(all_inputs)
     not_dicom = [str(path) for _, path in inputs if not path.is_dir()]
     if args.output_type == "dicom-seg" and not_dicom:
         raise ValueError(f"--output-type dicom-seg needs DICOM series inputs, got {not_dicom}")
-    outputs = [out_dir / name for case_id, _ in inputs for name in _case_outputs(case_id, args)]
-    outputs.append(out_dir / "statistics.csv")
-    _refuse_existing(outputs, args.overwrite)
-    _prepare_output_folder(out_dir)
+    names = [name for case_id, _ in inputs for name in _case_outputs(case_id, args)]
+    names.append(shard.summary_name("statistics.csv"))
+    _refuse_existing([out_dir / name for name in names], args.overwrite)
+    _prepare_output_folder(out_dir, names if shard.count > 1 else None)
     failures, done = [], {}
-    for case_id, ct_path in tqdm(inputs, desc="cases", unit="case", disable=args.quiet):
+    read = functools.partial(_read_case, model=model)
+    cases = batch_predict.read_ahead(inputs, read, enabled=not args.no_overlap_io)
+    progress = tqdm(cases, total=len(inputs), desc="cases", unit="case", disable=args.quiet)
+    for (case_id, ct_path), prepared in progress:
         try:
-            done[case_id] = _predict_one(case_id, ct_path, out_dir, model, args)
+            done[case_id] = _predict_one(case_id, ct_path, out_dir, model, args, prepared())
         except Exception as error:  # one bad case must not stop the others
             logger.debug("case %s failed", case_id, exc_info=True)
             failures.append((case_id, ct_path, f"{type(error).__name__}: {error}"))
-    _write_summary(done, out_dir)
-    _write(f"predicted {len(done)} of {len(inputs)} cases into {out_dir}")
+    _write_summary(done, out_dir / shard.summary_name("statistics.csv"))
+    part = f" (shard {shard} of {len(all_inputs)} cases)" if shard.count > 1 else ""
+    _write(f"predicted {len(done)} of {len(inputs)} cases{part} into {out_dir}")
     for case_id, ct_path, reason in failures:
         sys.stderr.write(f"FAILED {case_id} ({ct_path}): {reason}\n")
     return 1 if failures else 0
 
 
-def _write_summary(done: dict, out_dir: Path) -> None:
+def _write_summary(done: dict, path: Path) -> None:
     """statistics.csv (one row per vertebra of every case) and a line per uncertain labelling."""
     from verse_jax import statistics
 
     rows = [row for case in done.values() for row in case["rows"]]
-    io.write_text_atomic(out_dir / "statistics.csv", statistics.format_csv(rows))
+    io.write_text_atomic(path, statistics.format_csv(rows))
     for case_id, case in done.items():
         if case["confidence"].uncertain:
             _write(
@@ -466,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     _add_predict_extras(p)
+    batch_predict.add_arguments(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="id rate, distance, Dice, Hausdorff against ground truth")

@@ -323,10 +323,20 @@ def temporary_path(path) -> Path:
     left by a killed run from one still being written (:func:`remove_stale_temporaries`).
     """
     path = Path(path)
-    name = path.name
-    suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else path.suffix
-    stem = name[: len(name) - len(suffix)] if suffix else name
-    return path.with_name(f".{stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    suffix = _suffix(path.name)
+    return path.with_name(
+        f"{_temporary_prefix(path.name)}{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{suffix}"
+    )
+
+
+def _suffix(name: str) -> str:
+    return ".nii.gz" if name.lower().endswith(".nii.gz") else Path(name).suffix
+
+
+def _temporary_prefix(name: str) -> str:
+    """``.<stem>.``: how the temporary names of output ``name`` begin."""
+    suffix = _suffix(name)
+    return f".{name[: len(name) - len(suffix)] if suffix else name}."
 
 
 _TEMPORARY = re.compile(  # this version's names, then older ones (without process id)
@@ -344,18 +354,26 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder) -> list[Path]:
+def remove_stale_temporaries(folder, names=None) -> list[Path]:
     """Delete the temporary files (:func:`temporary_path`) in ``folder`` whose writer is gone.
 
     Files of a process still running on this machine are kept (another run into the same folder).
 
+    Args:
+        folder: the folder.
+        names: only temporaries of these output file names (other hosts' shards write into the
+            same folder, and their process ids mean nothing here); None: every temporary.
+
     Returns:
         The paths removed.
     """
+    prefixes = None if names is None else tuple(_temporary_prefix(n) for n in names)
     removed = []
     for item in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
         match = _TEMPORARY.match(item.name)
         if not match or not item.is_file():
+            continue
+        if prefixes is not None and not item.name.startswith(prefixes):
             continue
         if match["pid"] and _process_alive(int(match["pid"])):
             continue

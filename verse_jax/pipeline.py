@@ -80,6 +80,19 @@ def stage_volumes(image: Volume, grids: dict[str, StageGrid]) -> dict[str, Volum
     return out
 
 
+def prepare_case(image: Volume, bundle: Bundle) -> dict[str, Volume]:
+    """Check ``image`` (`check_ct`) and compute its volume of every stage (`stage_volumes`).
+
+    No JAX: ``verse-jax predict`` runs it for the next case in a thread while the networks run.
+
+    Returns:
+        The ``volumes`` argument of `predict_case_details`.
+    """
+    check_ct(image)
+    grids = {"spine": bundle.spine.grid, "scn": bundle.scn.grid, "seg": bundle.seg.grid}
+    return stage_volumes(image, grids)
+
+
 def cut_box(volume: Volume, start, size, pad_value: float = preprocessing.OUTSIDE_NORMALIZED):
     """Integer box of an identity-direction volume, padded where it leaves the volume.
 
@@ -388,6 +401,7 @@ def predict_case_details(
     seg_batch_size: int = 1,
     keep_probabilities: bool = False,
     margin_threshold: float = DEFAULT_MARGIN_THRESHOLD,
+    volumes: dict[str, Volume] | None = None,
 ) -> CasePrediction:
     """`predict_case` with the heatmap values, candidates, labelling confidence, probabilities.
 
@@ -395,16 +409,16 @@ def predict_case_details(
         keep_probabilities: also return the fused per-voxel probability (float16); costs one
             resampling of every whole crop and a float32 array of the input's size.
         margin_threshold: `label_confidence`'s flag threshold (margin per vertebra).
+        volumes: `prepare_case(image, bundle)` when already computed (then not computed again).
         Other arguments as `predict_case`.
 
     Raises:
         ValueError: not a CT; NoSpineFoundError: no spine or no vertebra found.
     """
-    check_ct(image)
     times = {}
     tic = time.perf_counter()
-    grids = {"spine": bundle.spine.grid, "scn": bundle.scn.grid, "seg": bundle.seg.grid}
-    volumes = stage_volumes(image, grids)
+    if volumes is None:
+        volumes = prepare_case(image, bundle)
     times["preprocessing"], tic = time.perf_counter() - tic, time.perf_counter()
     spine_mm = predict_spine(volumes["spine"], bundle.spine)
     times["spine"], tic = time.perf_counter() - tic, time.perf_counter()
