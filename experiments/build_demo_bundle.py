@@ -13,6 +13,7 @@ commit and total training time.
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -50,14 +51,24 @@ def _stage_json(export_dir: Path) -> dict:
     return json.loads((export_dir / "stage.json").read_text())
 
 
+# Config fields read at prediction only: a finished training is reused when only these differ,
+# and the shipped stage definition takes them from the current config (`write_shipped`).
+PREDICTION_ONLY = ("heatmap_value_scale",)
+
+
+def _training_part(config: dict) -> dict:
+    data = {k: v for k, v in config.get("data", {}).items() if k not in PREDICTION_ONLY}
+    return config | {"data": data}
+
+
 def train_stage(name: str, runs: Path, preset: str = "demo") -> Path:
     """The workdir of the finished training of `name` (trained or resumed here if needed)."""
     module, configs = STAGES[name]
     config = configs.get_config(preset)
     workdir = runs / f"{name}-{preset}"
     saved = workdir / "config.json"
-    if saved.is_file() and json.loads(saved.read_text()) != json.loads(
-        config.to_json_best_effort(sort_keys=True)
+    if saved.is_file() and _training_part(json.loads(saved.read_text())) != _training_part(
+        json.loads(config.to_json_best_effort(sort_keys=True))
     ):
         raise SystemExit(
             f"{workdir} holds a training of another config than {name}.py:{preset}; "
@@ -94,14 +105,23 @@ def stage_record(name: str, workdir: Path, preset: str = "demo") -> dict:
     }
 
 
-def write_shipped(exports: dict[str, Path], out: Path, extra: dict) -> Path:
-    """The bundle at `out` from three stage exports, parameters as float16, with `extra`."""
+def write_shipped(exports: dict[str, Path], out: Path, extra: dict, specs=None) -> Path:
+    """The bundle at `out` from three stage exports, parameters as float16, with `extra`.
+
+    `specs`: stage name -> definition whose prediction-only part (the SCN candidate rule) replaces
+    the export's (the rest must be equal).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         for name, src in exports.items():
             stage = bundle.load_stage(src)
+            spec = stage.spec
+            if specs is not None:
+                spec = dataclasses.replace(spec, candidates=specs[name].candidates)
+                if spec != specs[name]:
+                    raise SystemExit(f"{src}: stage definition differs from the {name} config")
             bundle.export_stage(
                 Path(tmp) / name,
-                spec=stage.spec,
+                spec=spec,
                 factory_kwargs=stage.factory_kwargs,
                 params=stage.params,
                 sigmas=stage.sigmas,
@@ -152,7 +172,8 @@ def build_trained(out: Path, runs: Path, preset: str = "demo") -> Path:
         "stages": records,
         "command": "python experiments/build_demo_bundle.py",
     }
-    return write_shipped({s: w / "export" for s, w in workdirs.items()}, out, extra)
+    specs = {name: common.stage_spec(STAGES[name][1].get_config(preset)) for name in STAGES}
+    return write_shipped({s: w / "export" for s, w in workdirs.items()}, out, extra, specs)
 
 
 def main(argv=None) -> int:

@@ -110,6 +110,9 @@ def stage_spec(config: ml_collections.ConfigDict) -> StageSpec:
     d = config.data
     ranges = AugmentRanges(**d.aug.to_dict()) if d.augment else AugmentRanges.none()
     fields = {name: d[name] for name in _SPEC_FIELDS if name in d}
+    if "heatmap_value_scale" in d:  # prediction only (StageSpec.candidates.value_scale)
+        rule = stages.PAPER[config.stage].candidates
+        fields["candidates"] = dataclasses.replace(rule, value_scale=float(d.heatmap_value_scale))
     return stages.with_grid(
         config.stage, stage_grid(config), d.num_landmarks, augment=ranges, **fields
     )

@@ -227,6 +227,8 @@ def predict_landmark_sequence(
             pad_value=spec.window_pad_value,
         )
     rule = spec.candidates
+    if rule.value_scale != 1.0:
+        merged = merged * rule.value_scale
     candidates = postprocessing.landmark_candidates(
         merged,
         geometry,

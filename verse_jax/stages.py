@@ -46,12 +46,19 @@ class CandidateRule:
         min_max_value: below this global maximum only the global maximum is a candidate.
         relative_threshold: further maxima need value > relative_threshold * global maximum.
         max_candidates: None keeps every maximum the rule finds (as the reference); an int caps M.
+        value_scale: the merged heatmaps are multiplied by this before candidates are read and
+            the sequence is selected, so that the reference's absolute thresholds (0.25, 0.5 and
+            the ones of ``postprocessing.select_landmark_sequence``) keep their meaning for target
+            Gaussians of another height. Reference: 1. The demo's targets (sigma 2 voxels) are 8x
+            taller than the paper's (sigma 4) at the start; with 1 its weak off-target responses
+            passed 0.25 and the front/back extension ran away (prediction, not training).
     """
 
     min_distance_mm: float = 14.0
     min_max_value: float = 0.25
     relative_threshold: float = 0.1
     max_candidates: int | None = None
+    value_scale: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
