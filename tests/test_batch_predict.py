@@ -173,3 +173,15 @@ def test_add_arguments_defaults():
     batch_predict.add_arguments(p)
     args = p.parse_args([])
     assert (args.shard, args.distributed, args.no_overlap_io) == (None, False, False)
+
+
+def test_failed_distributed_initialisation_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    def no_coordinator():
+        raise ValueError("coordinator_address should be defined")
+
+    monkeypatch.setattr(jax.distributed, "initialize", no_coordinator)
+    argv = ["predict", "-i", str(tmp_path), "-o", str(tmp_path / "p"), "--distributed"]
+    assert main(argv) == 2
+    assert "--distributed: jax.distributed.initialize() failed: coordinator_address" in (
+        capsys.readouterr().err
+    )

@@ -73,8 +73,13 @@ def run_shard(shard: str | None, distributed: bool) -> Shard:
     import jax
 
     explicit = parse_shard(shard) if shard is not None else None
-    if distributed:
-        jax.distributed.initialize()  # coordinator, count and id from the environment / SLURM
+    if distributed:  # coordinator, count and id from the environment / SLURM
+        try:
+            jax.distributed.initialize()
+        except (RuntimeError, ValueError) as error:
+            raise ValueError(
+                f"--distributed: jax.distributed.initialize() failed: {error}"
+            ) from error
     count = jax.process_count()
     if explicit is not None and count > 1:
         raise ValueError(

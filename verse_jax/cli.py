@@ -236,10 +236,11 @@ def cmd_predict(args) -> int:
             )
     out_dir = Path(args.output)
     _check_output_folder(out_dir)
+    # Before anything touches JAX: jax.distributed.initialize() must come first.
+    shard = batch_predict.run_shard(args.shard, args.distributed)
     model = _load_model(args.model)
     _check_overlap(args.overlap, model.scn.grid.crop_size[2])
     all_inputs = find_inputs(Path(args.input))
-    shard = batch_predict.run_shard(args.shard, args.distributed)
     inputs = shard.select(all_inputs)
     not_dicom = [str(path) for _, path in inputs if not path.is_dir()]
     if args.output_type == "dicom-seg" and not_dicom:
