@@ -1,5 +1,6 @@
 """Training scripts and configs: smoke runs of each stage, resume, presets, command line."""
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -257,7 +258,7 @@ def test_command_line(phantom_root, tmp_path):
 def test_build_demo_bundle_from_finished_workdirs(tmp_path):
     """Finished workdirs are reused (no training); the bundle holds their best exports as
     float16, with the training figures in bundle.json."""
-    random = bundle.random_bundle(tmp_path / "random")
+    random = bundle.random_bundle(tmp_path / "random", num_landmarks=26)
     for offset, name in enumerate(bundle.STAGES):
         config = SCRIPTS[name][1].get_config("smoke")
         workdir = tmp_path / "runs" / f"{name}-smoke"
@@ -281,7 +282,7 @@ def test_build_demo_bundle_from_finished_workdirs(tmp_path):
         }.items():
             bundle.export_stage(
                 workdir / folder,
-                spec=stage.spec,
+                spec=common.stage_spec(config),
                 factory_kwargs=stage.factory_kwargs,
                 params=stage.params,
                 sigmas=stage.sigmas,
@@ -308,6 +309,21 @@ def test_build_demo_bundle_from_finished_workdirs(tmp_path):
         )
         assert json.loads((out / name / "stage.json").read_text())["params_dtype"] == "float16"
         assert getattr(shipped, name).extra["step"] == 1
+    # the shipped candidate rule is the config's (prediction only); the rest must match
+    assert shipped.scn.spec == common.stage_spec(SCRIPTS["scn"][1].get_config("smoke"))
+    scn_export = tmp_path / "runs" / "scn-smoke" / "export"
+    stage = bundle.load_stage(scn_export)
+    shutil.rmtree(scn_export)
+    bundle.export_stage(
+        scn_export,
+        spec=dataclasses.replace(stage.spec, window_pad_value=-1.0),
+        factory_kwargs=stage.factory_kwargs,
+        params=stage.params,
+        sigmas=stage.sigmas,
+        extra=stage.extra,
+    )
+    with pytest.raises(SystemExit, match="stage definition differs from the scn config"):
+        build_demo_bundle.main([*args[:-2], "--out", str(tmp_path / "other"), *args[-2:]])
     (tmp_path / "runs" / "scn-smoke" / "config.json").write_text('{"other": 1}')
     with pytest.raises(SystemExit, match="another config"):
         build_demo_bundle.main(args)
