@@ -321,16 +321,6 @@ def _format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def cmd_evaluate(args) -> int:
     from verse_jax import evaluation
 
@@ -359,7 +349,7 @@ def cmd_evaluate(args) -> int:
     writer.writeheader()
     writer.writerows([{**row, "error": errors.get(row["case"], "")} for row in [*rows, total]])
     io.write_text_atomic(csv_path, buffer.getvalue())
-    io.write_text_atomic(json_path, json.dumps(_json_safe(result.to_dict()), indent=2))
+    io.write_text_atomic(json_path, json.dumps(io.json_safe(result.to_dict()), indent=2))
     _write(f"wrote {csv_path} and {json_path}")
     for failure in result.failures:
         sys.stderr.write(f"FAILED {failure.case_id}: {failure.error}\n")

@@ -127,7 +127,7 @@ def run_demo(
         **scores.to_dict(),
         "seconds": {k: round(v, 2) for k, v in times.items()},
     }
-    io.write_text_atomic(files["scores"], json.dumps(_json_safe(report), indent=2) + "\n")
+    io.write_text_atomic(files["scores"], json.dumps(io.json_safe(report), indent=2) + "\n")
     return DemoResult(files, scores, failure)
 
 
@@ -142,13 +142,3 @@ def _score(case_id: str, files: dict[str, Path]) -> metrics.CaseMetrics:
         metrics.localization_metrics(pred, gt),
         metrics.segmentation_metrics(pred_mask.array, gt_mask.array, gt_mask.geometry.spacing_mm),
     )
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value

@@ -548,6 +548,17 @@ def read_centroids(json_path, geometry: Geometry) -> Centroids:
     return Centroids(labels, points_mm.reshape(-1, 3))
 
 
+def json_safe(value):
+    """``value`` with non-finite floats as None and dict keys as strings, for strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Writes `text` to `path` through a temporary file in the same folder and a rename."""
     if not path.parent.is_dir():
