@@ -18,22 +18,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from verse_jax.labels import index_to_label
+from verse_jax.labels import T12_INDEX, T13_INDEX, index_to_label
 from verse_jax.postprocessing import LandmarkCandidates, LandmarkSequence, best_sequence_dp
 
 # Provisional: not yet calibrated on a trained bundle (benchmarks/label_shift_calibration.py
 # measures catch and false-alarm rates of any threshold on held-out phantoms).
 DEFAULT_MARGIN_THRESHOLD = 0.15
-_T13_INDEX = 25
-_T12_INDEX = 18
 
 
 def anatomical_orders(num_landmarks: int) -> list[list[int]]:
     """Landmark indices from C1 downwards: without T13 (C1..L6), and with it when K >= 26."""
     standard = list(range(min(num_landmarks, 25)))
     orders = [standard]
-    if num_landmarks > _T13_INDEX:
-        orders.append(standard[: _T12_INDEX + 1] + [_T13_INDEX] + standard[_T12_INDEX + 1 :])
+    if num_landmarks > T13_INDEX:
+        orders.append(standard[: T12_INDEX + 1] + [T13_INDEX] + standard[T12_INDEX + 1 :])
     return orders
 
 
@@ -103,7 +101,7 @@ def _hypotheses(indices: list[int], num_landmarks: int) -> list[tuple[str, list[
     for step, name in ((-1, "shift -1"), (1, "shift +1")):
         if 0 <= start + step and start + step + n <= len(home):
             found.append((name, home[start + step : start + step + n]))
-    t13 = "T13 removed" if _T13_INDEX in indices else "T13 inserted"
+    t13 = "T13 removed" if T13_INDEX in indices else "T13 inserted"
     for other in (o for o in orders if o is not home):
         top, bottom = other.index(indices[0]), other.index(indices[-1])
         if top + n <= len(other):

@@ -14,6 +14,8 @@ VERTEBRA_NAMES: dict[int, str] = {
 }
 VALID_LABELS = frozenset(VERTEBRA_NAMES)
 T13 = 28
+# Landmark indices of T12 and T13 (26 landmarks): T13 follows T12 in the spine, not in index order.
+T12_INDEX, T13_INDEX = 18, 25
 
 
 def label_to_index(label: int, num_landmarks: int = 25) -> int:

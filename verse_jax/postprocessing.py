@@ -26,6 +26,7 @@ import scipy.ndimage
 
 from verse_jax import stages
 from verse_jax.heatmaps import find_candidates
+from verse_jax.labels import T12_INDEX, T13_INDEX
 
 _NEG_INF = -np.inf
 _RULE = stages.SCN_PAPER.candidates  # defaults: the paper's rule at the paper's 2 mm
@@ -277,9 +278,6 @@ def _extend(choice, values, points_mm, valid, end, step, min_distance, max_dista
     return end
 
 
-_T12_INDEX, _T13_INDEX = 18, 25
-
-
 def anatomical_order(values, valid, threshold: float = 0.25) -> np.ndarray:
     """Landmark indices from C1 downwards in which `select_landmark_sequence` walks the spine.
 
@@ -291,11 +289,11 @@ def anatomical_order(values, valid, threshold: float = 0.25) -> np.ndarray:
     """
     values, valid = np.asarray(values), np.asarray(valid, bool)
     num = values.shape[0]
-    standard = np.arange(min(num, _T13_INDEX))
-    if num <= _T13_INDEX or not (valid[_T13_INDEX, 0] and values[_T13_INDEX, 0] > threshold):
+    standard = np.arange(min(num, T13_INDEX))
+    if num <= T13_INDEX or not (valid[T13_INDEX, 0] and values[T13_INDEX, 0] > threshold):
         return standard
     return np.concatenate(
-        [standard[: _T12_INDEX + 1], [_T13_INDEX], standard[_T12_INDEX + 1 :]]
+        [standard[: T12_INDEX + 1], [T13_INDEX], standard[T12_INDEX + 1 :]]
     ).astype(np.int64)
 
 
