@@ -1,6 +1,7 @@
 """Tests for verse_jax.augmentation: identity, consistency of image/labels/landmarks, box bounds."""
 
 import dataclasses
+import itertools
 
 import jax
 import numpy as np
@@ -18,7 +19,7 @@ RANGES = aug.AugmentRanges()  # paper ranges
 def _transform(params, box, labels, center, points, valid, crop=CROP, spacing=SPACING):
     """Image (intensity too), labels and landmarks of one sample; crop (24, 24, 40) at 2 mm."""
     grid = aug.sampling_grid_vox(params, center, crop, spacing)
-    image = aug.apply_intensity(aug.apply_linear(box, grid), params)
+    image = aug.apply_intensity(aug.apply_cubic(box, grid), params)
     label = aug.apply_nearest(labels, grid)
     out_points, out_valid = aug.apply_landmarks(params, center, grid, points, valid, spacing)
     return image, label, out_points, out_valid, grid
@@ -169,6 +170,28 @@ def _sitk_resample(array, params, center, interpolator):
     return np.transpose(sitk.GetArrayFromImage(out), (2, 1, 0))
 
 
+def _keys_brute_force(box, points, cval):
+    """Cubic convolution (Keys, a = -0.5) tap by tap in float64."""
+
+    def kernel(x):
+        x = np.abs(x)
+        near = (1.5 * x - 2.5) * x * x + 1
+        far = ((-0.5 * x + 2.5) * x - 4) * x + 2
+        return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+    points = np.asarray(points, np.float64)
+    base = np.floor(points).astype(int)
+    out = np.zeros(points.shape[:-1])
+    for offset in itertools.product(range(-1, 3), repeat=3):
+        index = base + np.array(offset)
+        weight = np.prod(kernel(points - index), axis=-1)
+        inside = np.all((index >= 0) & (index < np.array(box.shape)), axis=-1)
+        clipped = np.clip(index, 0, np.array(box.shape) - 1)
+        values = np.where(inside, box[clipped[..., 0], clipped[..., 1], clipped[..., 2]], cval)
+        out += weight * values
+    return out
+
+
 def test_matches_simpleitk_composite_transform():
     rng = np.random.default_rng(7)
     box = rng.uniform(-1, 1, BOX).astype(np.float32)
@@ -182,7 +205,10 @@ def test_matches_simpleitk_composite_transform():
     inside = np.all((grid >= 0) & (grid <= np.array(BOX) - 1), axis=-1)
     assert inside.mean() > 0.3
     expected = _sitk_resample(box, params, center, sitk.sitkLinear)
-    np.testing.assert_allclose(np.asarray(image)[inside], expected[inside], atol=1e-4)
+    linear = np.asarray(aug.apply_linear(box, grid))  # ITK has no cubic convolution: the grid
+    np.testing.assert_allclose(linear[inside], expected[inside], atol=1e-4)
+    cubic = np.clip(_keys_brute_force(box, grid, aug.OUTSIDE_VALUE), -1, 1)  # + intensity clip
+    np.testing.assert_allclose(np.asarray(image), cubic, atol=1e-5)
     expected = _sitk_resample(labels, params, center, sitk.sitkNearestNeighbor)
     assert np.mean(np.asarray(label)[inside] == expected[inside]) > 0.999
 
@@ -203,3 +229,27 @@ def test_bad_ranges_raise():
         aug.AugmentRanges(control_points=3)
     with pytest.raises(ValueError, match="translation_mm"):
         aug.AugmentRanges(translation_mm=-1.0)
+
+
+def test_cubic_sampling_is_interpolating_exact_on_quadratics_and_reads_cval_outside():
+    rng = np.random.default_rng(3)
+    box = rng.normal(size=(7, 8, 9)).astype(np.float32)
+    whole = np.stack(np.meshgrid(*[np.arange(n) for n in box.shape], indexing="ij"), -1)
+    np.testing.assert_array_equal(np.asarray(aug.apply_cubic(box, whole.astype(np.float32))), box)
+    # Keys' kernel reproduces polynomials up to degree 2 exactly (away from the box edge)
+    grid = np.stack(np.meshgrid(*[np.arange(12.0)] * 3, indexing="ij"), -1)
+
+    def quadratic(p):
+        return 0.01 * p[..., 0] ** 2 - 0.02 * p[..., 1] * p[..., 2] + 0.03 * p[..., 2] + 0.5
+
+    points = rng.uniform(1.0, 10.0, (4, 5, 6, 3))
+    got = np.asarray(aug.apply_cubic(quadratic(grid).astype(np.float32), points.astype(np.float32)))
+    np.testing.assert_allclose(got, quadratic(points), atol=2e-6)
+    # every tap outside the box reads cval, far away on either side too (negative starts must not
+    # wrap around to the far end of the box)
+    far = np.array([[[[-16.0, 3, 3], [3, -40, 3], [3, 3, 100.0], [-1.5, 3, 3]]]], np.float32)
+    out = np.asarray(aug.apply_cubic(box, far, cval=-0.5))
+    np.testing.assert_array_equal(out[0, 0, :3], -0.5)
+    # one voxel beyond the edge: taps at -3..0, only the one at 0 inside (weight far(1.5))
+    w = np.asarray(aug.keys_weights(np.float32(0.5)))
+    assert out[0, 0, 3] == pytest.approx(-0.5 * w[:3].sum() + w[3] * box[0, 3, 3], abs=1e-6)

@@ -243,3 +243,45 @@ def test_short_scn_column_is_padded_with_the_definition_value(pad, monkeypatch):
     volume = Volume(np.zeros(geometry.size, np.float32), geometry)
     pipeline.predict_landmark_sequence(volume, np.zeros(3), stage)
     assert seen["pad"] == pad
+
+
+def test_segmentation_target_smooths_every_label_then_takes_the_argmax():
+    # brute force: one channel per id, scipy Gaussian (sigma 1 voxel, mode nearest, truncate 4 as
+    # the reference's skimage call), argmax, the vertebra's channel
+    from scipy import ndimage
+
+    from verse_jax import samples
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((20, 22, 24), np.int32)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in labels.shape], indexing="ij"), -1)
+    for label in (18, 19, 20, 28):
+        centre, radius = rng.uniform(4, 18, 3), rng.uniform(3, 6)
+        labels[np.linalg.norm(grid - centre, axis=-1) < radius] = label
+    labels[rng.uniform(size=labels.shape) < 0.02] = 19  # speckle: removed by the smoothing
+    ids = np.asarray(samples._TARGET_IDS)
+    smoothed = np.stack([
+        ndimage.gaussian_filter((labels == i).astype(np.float64), 1.0, mode="nearest", truncate=4)
+        for i in ids
+    ], axis=-1)  # fmt: skip
+    top2 = np.sort(smoothed, axis=-1)[..., -2:]
+    decided = top2[..., 1] - top2[..., 0] > 1e-5  # float32 may break exact ties otherwise
+    target = jax.jit(samples.segmentation_target, static_argnums=2)
+    for label in (18, 19, 20, 28):
+        expected = ids[np.argmax(smoothed, axis=-1)] == label
+        got = np.asarray(target(jnp.asarray(labels), label, 1.0))
+        np.testing.assert_array_equal(got[decided], expected[decided])
+        assert 0 < expected.sum() < (labels == label).sum()  # boundaries smoothed away
+    raw = np.asarray(target(jnp.asarray(labels), 19, 0.0))
+    np.testing.assert_array_equal(raw, labels == 19)
+
+
+def test_definitions_before_version_3_were_trained_without_target_smoothing():
+    assert SPECS["seg"].target_smoothing_vox == stages.SEG_PAPER.target_smoothing_vox == 1.0
+    old = SPECS["seg"].to_dict() | {"definition_version": 2}
+    del old["target_smoothing_vox"]
+    assert stages.StageSpec.from_dict(old).target_smoothing_vox == 0.0
+    old = SPECS["scn"].to_dict() | {"definition_version": 1}
+    del old["target_smoothing_vox"], old["window_pad_value"]
+    converted = stages.StageSpec.from_dict(old)
+    assert (converted.window_pad_value, converted.target_smoothing_vox) == (-1.0, 0.0)

@@ -215,6 +215,46 @@ def apply_linear(box, grid_vox, cval: float = OUTSIDE_VALUE):
     return ndimage.map_coordinates(box.astype(jnp.float32), coords, order=1, cval=cval)
 
 
+KEYS_A = -0.5  # the cubic convolution kernel of Keys (1981): interpolating, exact on quadratics
+
+
+def keys_weights(t):
+    """(..., 4) Keys cubic-convolution weights of the taps at offsets -1, 0, 1, 2 (t in [0, 1))."""
+    a = KEYS_A
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return jnp.stack([far(1 + t), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def apply_cubic(box, grid_vox, cval: float = OUTSIDE_VALUE):
+    """(x, y, z) float32 cubic-convolution (Keys) interpolation of a box at (x, y, z, 3) positions.
+
+    The image channel of a training crop is sampled with it: the cached stage volume is itself a
+    resampling of the smoothed scan, and resampling it a second time linearly would blur every
+    training input by a random sub-voxel amount that prediction inputs (one resampling, at whole
+    stage voxels) never see. Keys' kernel is interpolating (whole-voxel positions return the voxel
+    itself, so an identity crop equals the prediction input exactly) and passes the smoothed
+    stage volume's band almost unchanged (``benchmarks/training_input_sharpness.py``). Taps
+    outside the box read ``cval``.
+    """
+    pad = 4  # a 4-tap window clamped into the padded box lies wholly in the padding when outside
+    padded = jnp.pad(box.astype(jnp.float32), pad, constant_values=cval)
+    points = grid_vox.reshape(-1, 3)
+    floor = jnp.floor(points)
+    # Clamped here: a batched dynamic_slice reads negative starts from the end, as numpy does.
+    limit = jnp.asarray(padded.shape, jnp.int32) - 4
+    starts = jnp.clip(floor.astype(jnp.int32) - 1 + pad, 0, limit[None, :])
+    patches = jax.vmap(lambda s: jax.lax.dynamic_slice(padded, s, (4, 4, 4)))(starts)
+    w = keys_weights(points - floor)  # (N, 3, 4)
+    values = jnp.einsum("nijk,ni,nj,nk->n", patches, w[:, 0], w[:, 1], w[:, 2])
+    return values.reshape(grid_vox.shape[:-1])
+
+
 def apply_nearest(box, grid_vox, cval: float = 0.0):
     """(x, y, z) float32 nearest-neighbour sampling (labels, masks) of a box, 0 outside."""
     coords = [grid_vox[..., i] for i in range(3)]

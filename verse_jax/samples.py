@@ -32,7 +32,7 @@ import numpy as np
 
 from verse_jax import augmentation as aug
 from verse_jax import heatmaps, stages
-from verse_jax.labels import index_to_label
+from verse_jax.labels import VALID_LABELS, index_to_label
 from verse_jax.stage_cache import StageCase
 from verse_jax.stages import StageSpec
 
@@ -146,7 +146,7 @@ def network_input(spec: StageSpec, raw: dict, crop_size=None):
     params = aug.AugmentParams(**raw["params"])
     s = spec.spacing_mm
     grid = aug.sampling_grid_vox(params, raw["center_vox"], crop_size, s)
-    image = aug.apply_intensity(aug.apply_linear(raw["image"], grid), params)[..., None]
+    image = aug.apply_intensity(aug.apply_cubic(raw["image"], grid), params)[..., None]
     if spec.name == "seg":
         point, valid = aug.apply_landmarks(
             params, raw["center_vox"], grid, raw["heatmap_vox"], raw["heatmap_valid"], s
@@ -177,9 +177,53 @@ def _transform_one(spec: StageSpec, raw: dict) -> dict:
     if spec.name == "scn":
         out["mask"] = aug.apply_nearest(raw["mask"], grid)[..., None]
     if spec.name == "seg":
-        label = aug.apply_nearest(raw["label"], grid) == raw["label_id"]
-        out["label"] = label.astype(jnp.float32)[..., None]
+        labels = aug.apply_nearest(raw["label"], grid).astype(jnp.int32)
+        target = segmentation_target(labels, raw["label_id"], spec.target_smoothing_vox)
+        out["label"] = target.astype(jnp.float32)[..., None]
     return out
+
+
+# Channels of the smoothed one-hot target: background and every VerSe id.
+_TARGET_IDS = (0, *sorted(VALID_LABELS))
+_TARGET_WINDOW_SIGMAS = 4.0  # skimage.filters.gaussian's default truncate
+
+
+def _gaussian_kernel(sigma_vox: float) -> np.ndarray:
+    radius = int(_TARGET_WINDOW_SIGMAS * sigma_vox + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 * (x / sigma_vox) ** 2)
+    return (kernel / kernel.sum()).astype(np.float32)
+
+
+def _smooth_axis(volume, kernel: np.ndarray, axis: int):
+    """Correlation with ``kernel`` along ``axis`` (edge values beyond the crop)."""
+    radius = len(kernel) // 2
+    pad = [(0, 0)] * volume.ndim
+    pad[axis] = (radius, radius)
+    padded = jnp.pad(volume, pad, mode="edge")
+    n = volume.shape[axis]
+    taps = [jax.lax.slice_in_dim(padded, i, i + n, axis=axis) for i in range(len(kernel))]
+    return sum(float(w) * tap for w, tap in zip(kernel, taps, strict=True))
+
+
+def segmentation_target(labels, label_id, sigma_vox: float):
+    """(x, y, z) bool target of one vertebra from its crop's label map (device, jit-able).
+
+    ``sigma_vox`` 0: ``labels == label_id``. Otherwise (docs/reference.md §6.2): one channel per
+    id of ``_TARGET_IDS`` (background and every VerSe id), each smoothed with a Gaussian of
+    ``sigma_vox`` voxels, argmax over the channels, then the vertebra's channel: the boundary of
+    every vertebra is smoothed against its neighbours and the background, and the target stays
+    binary.
+    """
+    if sigma_vox == 0:
+        return labels == label_id
+    ids = jnp.asarray(_TARGET_IDS, jnp.int32)
+    one_hot = (labels[..., None] == ids[None, None, None, :]).astype(jnp.float32)
+    kernel = _gaussian_kernel(float(sigma_vox))
+    for axis in range(3):
+        one_hot = _smooth_axis(one_hot, kernel, axis)
+    winner = ids[jnp.argmax(one_hot, axis=-1)]
+    return winner == label_id
 
 
 @functools.lru_cache(maxsize=32)

@@ -26,7 +26,7 @@ from verse_jax.preprocessing import OUTSIDE_NORMALIZED
 STAGE_NAMES = ("spine", "scn", "seg")
 # Version of the serialised definition (``to_dict``); see ``from_dict`` for older ones.
 # 2: ``window_pad_value`` (version 1 definitions padded SCN windows with -1, the reference's value).
-DEFINITION_VERSION = 2
+DEFINITION_VERSION = 3
 # Network factory of each stage (``verse_jax.models``) and its number of input channels.
 FACTORIES = {
     "spine": "spine_localization_net",
@@ -87,6 +87,11 @@ class StageSpec:
             its training crops are padded with -1024 HU (reference §5.6); the paper definition keeps
             its -1. With the demo's 256 mm windows most phantom scans are shorter than a window:
             padding with -1 put the lumbar ends 20-40 mm off (measured on held-out phantoms).
+        target_smoothing_vox: "seg" training: the label crop is split one-hot over all label
+            ids, each channel smoothed with a Gaussian of this sigma (voxels, window +-4 sigma,
+            edge values beyond the crop), and the argmax taken again before the vertebra's
+            channel becomes the binary target (docs/reference.md §6.2); 0 turns it off.
+            Definitions of version 2 and older were trained without it (read as 0).
     """
 
     name: str
@@ -102,6 +107,7 @@ class StageSpec:
     mask_margin_rule: str = "mm"
     candidates: CandidateRule = CandidateRule()
     window_pad_value: float = OUTSIDE_NORMALIZED
+    target_smoothing_vox: float = 1.0
 
     def __post_init__(self):
         if self.name not in STAGE_NAMES:
@@ -114,6 +120,8 @@ class StageSpec:
             raise ValueError(f"bad spacing/smoothing: {self.spacing_mm}, {self.smoothing_mm}")
         if self.num_landmarks not in (25, 26):
             raise ValueError(f"num_landmarks must be 25 or 26, got {self.num_landmarks}")
+        if not self.target_smoothing_vox >= 0:
+            raise ValueError(f"target_smoothing_vox must be >= 0, got {self.target_smoothing_vox}")
         if not self.heatmap_sigma_vox > 0:
             raise ValueError(f"heatmap_sigma_vox must be > 0, got {self.heatmap_sigma_vox}")
         if self.mask_margin_rule not in MASK_MARGIN_RULES:
@@ -162,7 +170,10 @@ class StageSpec:
         data = dict(data)
         version = data.pop("definition_version", None)
         if version == 1 and "window_pad_value" not in data:  # version 1 padded with -1
-            data["window_pad_value"], version = -1.0, DEFINITION_VERSION
+            data["window_pad_value"], version = -1.0, 2
+        if version == 2:  # trained on the raw label crops
+            data.setdefault("target_smoothing_vox", 0.0)
+            version = 3
         if version != DEFINITION_VERSION:
             raise ValueError(
                 f"{where}: stage definition version {version!r} is not supported "

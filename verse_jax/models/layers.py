@@ -66,6 +66,7 @@ class Conv3D(nn.Module):
         features: number of output channels.
         kernel_size: edge length k of the cubic kernel.
         kernel_init: kernel initialiser (He truncated normal by default).
+        bias_init: bias initialiser (zeros by default).
         conv_impl: "auto" (Winograd on CPU for 3x3x3, lax otherwise), "lax" or "winograd".
         dtype: compute dtype; inputs, kernel and bias are cast to it.
     """
@@ -73,6 +74,7 @@ class Conv3D(nn.Module):
     features: int
     kernel_size: int = 3
     kernel_init: Initializer = he_init
+    bias_init: Initializer = nn.initializers.zeros_init()
     conv_impl: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -85,7 +87,7 @@ class Conv3D(nn.Module):
         kernel = self.param(
             "kernel", self.kernel_init, (k, k, k, x.shape[-1], self.features), self.param_dtype
         )
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         x = x.astype(self.dtype)
         kernel = kernel.astype(self.dtype)
         if impl == "winograd":
