@@ -62,7 +62,6 @@ def make_stage(config) -> common.Stage:
             "preset": config.model.preset,
             "conv_impl": config.model.conv_impl,
             "head_init_std": config.model.head_init_std,
-            "spatial_bias_init": config.model.spatial_bias_init,
         },
         make_loss=lambda apply: training.make_scn_loss(
             apply, weight_decay=o.weight_decay, sigma_weight=o.sigma_weight, scale=o.heatmap_scale

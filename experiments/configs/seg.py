@@ -5,10 +5,10 @@ Commands (from the repository root):
     python experiments/train_seg.py --config=experiments/configs/seg.py:paper \\
         --config.data.root=/data/verse --config.data.fold=all --workdir=runs/seg-paper
 
-demo: built-in phantoms, demo U-Net (4 levels, 16 filters) at 3 mm on 32 x 32 x 32 crops around
-    the vertebrae, Adam 1e-3, 800 steps. Measured on the shared 2-core CPU (other runs beside it):
-    7.6 minutes; validation mean per-vertebra Dice on the held-out phantoms 0 up to step 500
-    (5.2 min; the net first predicts background), 0.14 at 600, 0.27 at 800 (7.6 min), rising.
+demo: built-in phantoms, demo U-Net (4 levels, 16 filters) at 2.5 mm on 40 x 40 x 40 crops
+    around the vertebrae, moderate augmentation, cross-entropy + soft Dice, Adam 1e-3 (x0.5 after
+    800, x0.1 after 1000), 1200 steps; the best validation step is exported. Curves and times over
+    seeds: README, "Training".
 paper: reference §6 (submitted model): 1 mm, 128 x 128 x 96, Adam 1e-4 with clip_by_global_norm
     1.0 (x0.5 after 20k, x0.1 after 40k), 50k steps, weight decay 1e-6, batch 1.
 smoke: a tiny network for tests, two steps in seconds.

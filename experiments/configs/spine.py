@@ -5,10 +5,9 @@ Commands (from the repository root):
     python experiments/train_spine.py --config=experiments/configs/spine.py:paper \\
         --config.data.root=/data/verse --config.data.fold=0 --workdir=runs/spine-paper-f0
 
-demo: built-in phantoms, demo U-Net (4 levels, 16 filters) at 8 mm on 32 x 32 x 64 crops, Adam
-    1e-3, 600 steps. Measured on the shared 2-core CPU (an SCN run beside it, so pessimistic):
-    8.4 minutes; validation x-y distance of the spine point on 5 held-out phantoms 27.3 mm (step
-    100, 4.4 min) -> 13.7 (200) -> 10.5 (400, 7.3 min) -> 10.2 mm (600, 8.4 min).
+demo: built-in phantoms, demo U-Net (4 levels, 16 filters) at 8 mm on 32 x 32 x 64 crops, the
+    paper's augmentation, Adam 1e-3 (x0.5 after 400, x0.1 after 500), 600 steps; the best
+    validation step is exported. Curves and times over seeds: README, "Training".
 paper: reference §4: 8 mm, 64 x 64 x 128, Adam 1e-4 (x0.5 after 10k, x0.1 after 15k), 20k
     steps, weight decay 5e-4, batch 1.
 smoke: a tiny network for tests, two steps in seconds.

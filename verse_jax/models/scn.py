@@ -46,12 +46,6 @@ class SpatialConfigurationNet(nn.Module):
         spatial_downsample: pooling factor of the spatial-configuration branch (4).
         spatial_kernel_size: kernel edge of the branch's convs (7).
         head_init_std: stddev of the truncated normal init of both heads (0.001).
-        spatial_bias_init: initial bias of the spatial head before its tanh (0, the paper's).
-            With both heads near 0, the product starts at a saddle: the local head's gradient is
-            scaled by the spatial output and the spatial head's by the local one (and its input
-            is the local output), so training waits until noise moves both. A positive value
-            (the demo's 0.55: spatial = tanh(0.55) = 0.5 at the start) lets the local heatmaps
-            learn from the first step while the spatial branch learns to correct them.
         dtype: compute dtype; parameters and outputs are float32.
         conv_impl: "auto" | "lax" | "winograd" (Winograd only ever for the 3x3x3 convs).
     """
@@ -64,7 +58,6 @@ class SpatialConfigurationNet(nn.Module):
     spatial_downsample: int = 4
     spatial_kernel_size: int = 7
     head_init_std: float = 0.001
-    spatial_bias_init: float = 0.0
     dtype: Any = jnp.float32
     conv_impl: str = "auto"
 
@@ -106,10 +99,7 @@ class SpatialConfigurationNet(nn.Module):
         k = self.spatial_kernel_size
         for i in range(3):
             node = act(Conv3D(self.num_filters_base, k, **conv, name=f"sconv{i}")(node))
-        spatial_bias = nn.initializers.constant(self.spatial_bias_init)
-        node = Conv3D(
-            self.num_landmarks, k, bias_init=spatial_bias, **heads, name="spatial_downsampled"
-        )(node)
+        node = Conv3D(self.num_landmarks, k, **heads, name="spatial_downsampled")(node)
         spatial = upsample(jnp.tanh(node), self.spatial_downsample, "cubic")
         heatmaps = local * spatial
         return SCNOutput(
