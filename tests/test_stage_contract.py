@@ -285,3 +285,13 @@ def test_definitions_before_version_3_were_trained_without_target_smoothing():
     del old["target_smoothing_vox"], old["window_pad_value"]
     converted = stages.StageSpec.from_dict(old)
     assert (converted.window_pad_value, converted.target_smoothing_vox) == (-1.0, 0.0)
+
+
+def test_prediction_definition_ignores_training_only_fields():
+    spec = SPECS["seg"]
+    trained_otherwise = dataclasses.replace(
+        spec, target_smoothing_vox=0.0, landmark_jitter_mm=1.0, augment=stages.AugmentRanges.none()
+    )
+    assert stages.prediction_definition(trained_otherwise) == stages.prediction_definition(spec)
+    moved = dataclasses.replace(spec, posterior_offset_mm=9.0)
+    assert stages.prediction_definition(moved) != stages.prediction_definition(spec)

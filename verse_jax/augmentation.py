@@ -234,13 +234,14 @@ def keys_weights(t):
 def apply_cubic(box, grid_vox, cval: float = OUTSIDE_VALUE):
     """(x, y, z) float32 cubic-convolution (Keys) interpolation of a box at (x, y, z, 3) positions.
 
-    The image channel of a training crop is sampled with it: the cached stage volume is itself a
-    resampling of the smoothed scan, and resampling it a second time linearly would blur every
-    training input by a random sub-voxel amount that prediction inputs (one resampling, at whole
-    stage voxels) never see. Keys' kernel is interpolating (whole-voxel positions return the voxel
-    itself, so an identity crop equals the prediction input exactly) and passes the smoothed
-    stage volume's band almost unchanged (``benchmarks/training_input_sharpness.py``). Taps
-    outside the box read ``cval``.
+    The image channel of every network crop is sampled with it, in training and at prediction
+    (``samples.network_input``): the stage volume is itself a resampling of the smoothed scan, and
+    a crop at sub-voxel positions (augmented training crops; the SCN column at the spine point's
+    x-y, segmentation crops at the centroid) resamples it a second time, which linearly would blur
+    it by a random amount that one resampling of the scan (the original) does not. Keys' kernel is
+    interpolating (whole-voxel positions return the voxel itself) and passes the smoothed stage
+    volume's band almost unchanged (``benchmarks/training_input_sharpness.py``). Taps outside the
+    box read ``cval``.
     """
     pad = 4  # a 4-tap window clamped into the padded box lies wholly in the padding when outside
     padded = jnp.pad(box.astype(jnp.float32), pad, constant_values=cval)

@@ -194,6 +194,15 @@ class StageSpec:
             raise ValueError(f"{where}: bad stage definition ({err})") from err
 
 
+# Fields that act in training only: two definitions equal but for these predict alike.
+TRAINING_ONLY_FIELDS = ("augment", "landmark_jitter_mm", "target_smoothing_vox")
+
+
+def prediction_definition(spec: StageSpec) -> dict:
+    """``spec.to_dict()`` without ``TRAINING_ONLY_FIELDS``: what prediction reads of a stage."""
+    return {k: v for k, v in spec.to_dict().items() if k not in TRAINING_ONLY_FIELDS}
+
+
 # The paper's stages (reference §4.2, §5.2, §6.2); the network presets are in ``models``.
 SPINE_PAPER = StageSpec("spine", 8.0, (64, 64, 128), 3.0)
 SCN_PAPER = StageSpec(
