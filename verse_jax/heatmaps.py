@@ -89,7 +89,7 @@ def gaussian_heatmaps(
     return gx[:, None, None, :] * gy[None, :, None, :] * gz[None, None, :, :]
 
 
-def _blur_matrix(size: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
+def blur_matrix(size: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
     """(size, size) matrix M with (M @ v) = 1-D Gaussian filter of v, 'nearest' edge mode.
 
     Same kernel as scipy.ndimage / skimage: radius int(truncate * sigma + 0.5), weights
@@ -140,7 +140,7 @@ def spine_heatmap(
     if blur_sigma_vox > 0:
         # The blur is linear and separable: blur each per-axis factor before the outer product.
         gx, gy, gz = (
-            jnp.asarray(_blur_matrix(size, blur_sigma_vox)) @ g
+            jnp.asarray(blur_matrix(size, blur_sigma_vox)) @ g
             for size, g in zip(shape, (gx, gy, gz), strict=True)
         )
     return jnp.einsum("ik,jk,lk->ijl", gx, gy, gz, precision=lax.Precision.HIGHEST)

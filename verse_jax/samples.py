@@ -185,25 +185,6 @@ def _transform_one(spec: StageSpec, raw: dict) -> dict:
 
 # Channels of the smoothed one-hot target: background and every VerSe id.
 _TARGET_IDS = (0, *sorted(VALID_LABELS))
-_TARGET_WINDOW_SIGMAS = 4.0  # skimage.filters.gaussian's default truncate
-
-
-def _gaussian_kernel(sigma_vox: float) -> np.ndarray:
-    radius = int(_TARGET_WINDOW_SIGMAS * sigma_vox + 0.5)
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    kernel = np.exp(-0.5 * (x / sigma_vox) ** 2)
-    return (kernel / kernel.sum()).astype(np.float32)
-
-
-def _smooth_axis(volume, kernel: np.ndarray, axis: int):
-    """Correlation with ``kernel`` along ``axis`` (edge values beyond the crop)."""
-    radius = len(kernel) // 2
-    pad = [(0, 0)] * volume.ndim
-    pad[axis] = (radius, radius)
-    padded = jnp.pad(volume, pad, mode="edge")
-    n = volume.shape[axis]
-    taps = [jax.lax.slice_in_dim(padded, i, i + n, axis=axis) for i in range(len(kernel))]
-    return sum(float(w) * tap for w, tap in zip(kernel, taps, strict=True))
 
 
 def segmentation_target(labels, label_id, sigma_vox: float):
@@ -219,9 +200,8 @@ def segmentation_target(labels, label_id, sigma_vox: float):
         return labels == label_id
     ids = jnp.asarray(_TARGET_IDS, jnp.int32)
     one_hot = (labels[..., None] == ids[None, None, None, :]).astype(jnp.float32)
-    kernel = _gaussian_kernel(float(sigma_vox))
-    for axis in range(3):
-        one_hot = _smooth_axis(one_hot, kernel, axis)
+    mx, my, mz = (jnp.asarray(heatmaps.blur_matrix(n, float(sigma_vox))) for n in labels.shape)
+    one_hot = jnp.einsum("ai,bj,ck,ijkl->abcl", mx, my, mz, one_hot, precision="highest")
     winner = ids[jnp.argmax(one_hot, axis=-1)]
     return winner == label_id
 
