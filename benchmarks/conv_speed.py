@@ -8,24 +8,21 @@ swing by 25-50 %, ratios taken in the same round much less). GFLOP/s are direct-
 (layer: 2 * 27 * cin * cout per voxel; SCN: XLA's cost analysis of the lax forward, x3 for
 forward+backward) per second. Compile time (JAX's first call) is reported apart.
 
-PyTorch (``/work/venv/bin/pip install torch==2.13.0``, the CPU build) is optional: without it the
+PyTorch (``pip install torch==2.13.0``, the CPU build) is optional: without it the
 torch contenders are left out. The SCN twin and weight copy come from ``benchmarks/torch_models.py``
 (same weights; the output difference is reported).
 
-    /work/venv/bin/python benchmarks/conv_speed.py --scn-repeats 2   # full, ~40 min on 2 busy cores
-    /work/venv/bin/python benchmarks/conv_speed.py --quick      # tiny sizes, 1 round, SCN fwd only
-    /work/venv/bin/python benchmarks/conv_speed.py --cases layer48 --repeats 5
+    python benchmarks/conv_speed.py --scn-repeats 2   # full, ~40 min on 2 busy cores
+    python benchmarks/conv_speed.py --quick      # tiny sizes, 1 round, SCN fwd only
+    python benchmarks/conv_speed.py --cases layer48 --repeats 5
 
-Writes ``benchmarks/results/conv_speed-cpu-<date>[-quick].json`` (or under ``--out``).
+Writes ``benchmarks/results/conv_speed-<device>-<full|tag>-<date>.json`` (``--quick``: a temporary
+folder; ``--out``: that file).
 """
 
 import argparse
-import datetime
-import json
 import os
-import pathlib
 import statistics
-import sys
 import time
 
 import jax
@@ -33,12 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from benchmarks import common as bench
 from verse_jax.models import vertebrae_localization_net
 from verse_jax.models.winograd import winograd_conv3d
 
 try:
     import torch
-    import torch_models
+
+    from benchmarks import torch_models
 except ImportError:  # torch is an optional baseline
     torch = None
 
@@ -246,8 +245,8 @@ def main(argv=None):
     parser.add_argument("--cases", default=None, help="comma list of case names (default all)")
     parser.add_argument("--modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both")
     parser.add_argument("--skip", default="", help="comma list of contenders to leave out")
-    parser.add_argument("--tag", default="", help="suffix of the result file name")
-    parser.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
+    parser.add_argument("--tag", default="", help="preset in the result file name (default full)")
+    parser.add_argument("--out", default=None, help="result JSON path")
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     torch_ok = torch is not None
@@ -269,18 +268,11 @@ def main(argv=None):
             parser.error(f"unknown cases {unknown}; choose from {sorted(cases)}")
         cases = {name: cases[name] for name in wanted}
     rows, load_start = [], os.getloadavg()
-    stamp = datetime.datetime.now(datetime.UTC)
-    out = pathlib.Path(args.out) if args.out else pathlib.Path(__file__).parent / "results"
-    suffix = ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
-    name = f"conv_speed-cpu-{stamp.date().isoformat()}{suffix}.json"
+    preset = "quick" if args.quick else (args.tag or "full")
+    out = bench.result_path("conv_speed", preset, quick=args.quick, out=args.out)
     meta = dict(
-        benchmark="conv_speed",
-        date_utc=stamp.isoformat(timespec="seconds"),
-        command=" ".join(["benchmarks/conv_speed.py", *(argv or sys.argv[1:])]),
-        jax=jax.__version__,
+        bench.header("conv_speed", preset, argv),
         torch=torch.__version__ if torch_ok else None,
-        backend=jax.default_backend(),
-        cpu_count=os.cpu_count(),
         repeats=repeats,
         scn_repeats=args.scn_repeats or repeats,
     )
@@ -299,15 +291,8 @@ def main(argv=None):
             del contenders
             # Written after every case, so that an interrupted run keeps what it measured.
             loads = [load_start, os.getloadavg()]
-            _write_json(out, name, dict(meta, load_average_start_now=loads, rows=rows))
-    print(f"wrote {out / name}")
-
-
-def _write_json(folder, name, result):
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(folder / name)
+            bench.write_result(out, dict(meta, load_average_start_now=loads, rows=rows))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

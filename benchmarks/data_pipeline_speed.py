@@ -1,8 +1,8 @@
 """Data pipeline speed: host samples/s, on-device augmentation, the SimpleITK way, a paper SCN step.
 
 Per stage (paper grids and crops; phantom data written to a temporary folder):
-  * host: raw samples/s of ``data.make_train_dataset`` (context box + random numbers) with 0 (in
-    process), 1, 2 and N worker processes, batch size 1;
+  * host: raw samples/s of ``verse_jax.data.pipeline.make_train_dataset`` (context box + random
+    numbers) with 0 (in process), 1, 2 and N worker processes, batch size 1;
   * device: time per batch of the jitted ``samples.make_device_transform`` (affine + B-spline grid,
     linear image, nearest masks, landmark inverse, heatmap channel), batch size 1;
   * baseline: the same augmentation done the original way, per sample on the CPU with SimpleITK
@@ -13,18 +13,16 @@ Per stage (paper grids and crops; phantom data written to a temporary folder):
     on the same device, so augmentation is given as a fraction of a training step (skip: --quick
     or --no-step).
 
-    /work/venv/bin/python benchmarks/data_pipeline_speed.py           # paper sizes, several min
-    /work/venv/bin/python benchmarks/data_pipeline_speed.py --quick   # small sizes, < 1 min
+    python benchmarks/data_pipeline_speed.py           # paper sizes, several min
+    python benchmarks/data_pipeline_speed.py --quick   # small sizes, < 1 min
 
-Writes benchmarks/results/data_pipeline_speed-<platform>-<date>.json and prints a table.
+Writes benchmarks/results/data_pipeline_speed-<device>-paper-<date>.json (--quick: a temporary
+folder) and prints a table.
 """
 
 import argparse
 import dataclasses
-import datetime
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -35,8 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 import SimpleITK as sitk
 
-from verse_jax import augmentation as aug
-from verse_jax import data, io, phantoms, samples, stages
+from benchmarks import common as bench
+from verse_jax import io, phantoms, stages
+from verse_jax.data import augmentation as aug
+from verse_jax.data import pipeline as data_pipeline
+from verse_jax.data import samples
 from verse_jax.geometry import Geometry, Volume
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,7 +56,7 @@ def stage_specs(quick: bool) -> list[stages.StageSpec]:
 
 def host_rate(root, ids, spec, cache, workers: int, batches: int) -> dict:
     """Samples/s of the host pipeline after its first batch (worker start-up timed apart)."""
-    dataset = data.make_train_dataset(
+    dataset = data_pipeline.make_train_dataset(
         root, ids, spec, cache_dir=cache, batch_size=1, seed=0, num_workers=workers
     )
     start = time.perf_counter()
@@ -173,7 +174,7 @@ def scn_step_time() -> dict:
 
 def run_stage(root, ids, spec, cache, args) -> dict:
     start = time.perf_counter()
-    _ = data.make_train_dataset(root, ids, spec, cache_dir=cache, batch_size=1, seed=0)
+    _ = data_pipeline.make_train_dataset(root, ids, spec, cache_dir=cache, batch_size=1, seed=0)
     row = {"stage": spec.name, "spacing_mm": spec.spacing_mm, "crop_size": spec.crop_size}
     row["cache_s"] = time.perf_counter() - start  # once per case and stage, then on disk
     raw = None
@@ -220,13 +221,13 @@ def print_table(rows, step, workers) -> None:
         print(f"paper SCN step (fwd+bwd, batch 1, 96x96x128): {step['step_s']:.1f} s")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small grids and data, < 1 min")
     parser.add_argument("--no-step", action="store_true", help="skip the paper SCN step")
     parser.add_argument("--cases", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.cases = args.cases or (2 if args.quick else 3)
     many = max(4, os.cpu_count() or 1)
     args.workers = [0, 2] if args.quick else [0, 1, 2, many]
@@ -238,15 +239,9 @@ def main() -> None:
         rows = [run_stage(root, ids, spec, cache, args) for spec in stage_specs(args.quick)]
     step = None if (args.quick or args.no_step) else scn_step_time()
     print_table(rows, step, args.workers)
-    device = jax.devices()[0].platform
+    preset = "quick" if args.quick else "paper"
     result = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": "python benchmarks/data_pipeline_speed.py" + (" --quick" if args.quick else ""),
-        "device": device,
-        "cpu_count": os.cpu_count(),
-        "load_average_at_end": os.getloadavg(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
+        **bench.header("data_pipeline_speed", preset, argv),
         "cases": args.cases,
         "stages": [
             dataclasses.asdict(spec) | {"augment": None} for spec in stage_specs(args.quick)
@@ -254,11 +249,9 @@ def main() -> None:
         "rows": rows,
         "paper_scn_step": step,
     }
-    date = datetime.date.today().isoformat()
-    suffix = "-quick" if args.quick else ""
-    out = args.out or RESULTS / f"data_pipeline_speed-{device}-{date}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    out = bench.write_result(
+        bench.result_path("data_pipeline_speed", preset, quick=args.quick, out=args.out), result
+    )
     print(f"wrote {out}")
 
 

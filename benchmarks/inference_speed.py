@@ -4,7 +4,8 @@ SCN sliding-window inference on a realistic column (default 96 x 96 x 400 voxels
 128-slice windows with a 96-voxel overlap, i.e. stride 32 and 10 windows), three contenders on the
 same weights:
 
-  (a) ours: `verse_jax.inference.sliding_window` (all windows in one jitted function, batched);
+  (a) ours: `verse_jax.infer.sliding_window.sliding_window` (all windows in one jitted function,
+      batched);
   (b) the original's way: a Python loop over windows, one jitted network call each, max on the host
       (the weights are an argument of the jitted call, as in (a), not compile-time constants);
   (c) PyTorch + MONAI `sliding_window_inference` on the same architecture and windows (needs the
@@ -21,16 +22,15 @@ each ratio is the median of the per-round ratios (a/b, a/c in one round).
     python benchmarks/inference_speed.py --quick         # smoke run (tiny networks)
     python benchmarks/inference_speed.py --dtype bfloat16 --batch-sizes 1,2,5
 
-Writes `benchmarks/results/<device>-<preset>-<dtype>-<date>.json` (`--quick`: a temporary folder).
+Writes `benchmarks/results/inference_speed-<device>-<preset>-<dtype>-<date>.json` (`--quick`: a
+temporary folder).
 """
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
 import statistics
-import sys
 import tempfile
 import time
 
@@ -38,13 +38,69 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from verse_jax import bundle as bundle_lib
-from verse_jax import inference, phantoms, pipeline, postprocessing
+from benchmarks import common as bench
+from verse_jax import phantoms, testing
 from verse_jax.geometry import Geometry
-from verse_jax.models import vertebrae_localization_net, vertebrae_segmentation_net
+from verse_jax.infer import bundle as bundle_lib
+from verse_jax.infer import candidates, inputs, predict
+from verse_jax.infer import sliding_window as windows
+from verse_jax.models import registry, vertebrae_localization_net, vertebrae_segmentation_net
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+
+def whole_column(apply_fn, column, *, multiple: int = 32, pad_value: float = -1.0) -> jnp.ndarray:
+    """The fully convolutional network over the whole column at once (no windows).
+
+    The column is padded at its end with `pad_value` to a multiple of `multiple` slices (which must
+    be a multiple of the network's size divisor; it also buckets lengths for compilation), run in
+    one call, cropped back and clipped at 0 like the max merge of `sliding_window`. It computes
+    each voxel once instead of about window_z / stride times, but the network then sees more
+    context along z than in training: the landmarks move (up to 27 mm with the demo SCN on
+    held-out phantoms; `--scn-export`), so the pipeline does not use it; it lives here, for that
+    measurement only.
+
+    Args:
+        apply_fn: maps (1, x, y, Z', c) to (1, x, y, Z', k) for any Z' that is a multiple of
+            `multiple`.
+        column: (x, y, Z, c).
+        multiple: slice multiple of the padded length.
+        pad_value: value of the padded slices (normalised air -1 by default).
+
+    Returns:
+        (x, y, Z, k) float32, >= 0.
+    """
+    if column.ndim != 4:
+        raise ValueError(f"column must be (x, y, z, channels), got shape {column.shape}")
+    if int(multiple) != multiple or multiple < 1:
+        raise ValueError(f"multiple must be a positive integer, got {multiple!r}")
+    size_z = column.shape[2]
+    padded = -(-size_z // multiple) * multiple
+    x = jnp.pad(
+        jnp.asarray(column),
+        ((0, 0), (0, 0), (0, padded - size_z), (0, 0)),
+        constant_values=pad_value,
+    )
+    out = apply_fn(x[None])[0, :, :, :size_z]
+    return jnp.maximum(out, 0.0).astype(jnp.float32)
+
+
+def whole_column_landmarks(volume, spine_mm, stage):
+    """`predict.predict_landmarks` with the network run once over the whole column (no windows).
+
+    Returns:
+        points_mm (K, 3) LPS mm (zeros where invalid), valid (K,) bool.
+    """
+    spec = stage.spec
+    column, geometry = predict.scn_column(volume, spine_mm, spec)
+    merged = whole_column(
+        stage.apply_fn("heatmaps"),
+        jnp.asarray(column),
+        multiple=spec.crop_size[2],
+        pad_value=spec.window_pad_value,
+    )
+    _, sequence = predict.landmarks_from_heatmaps(merged, geometry, spec)
+    return sequence.points_mm, sequence.valid
 
 
 def parse_args(argv=None):
@@ -105,7 +161,7 @@ def loop_windows(apply_one, params, column: np.ndarray, window_z: int, overlap_z
     ``apply_one(params, window)`` is jitted with the weights as an argument, as ours is."""
     size_z = column.shape[2]
     stride = window_z - overlap_z
-    n = inference.num_windows(size_z, window_z=window_z, overlap_z=overlap_z)
+    n = windows.num_windows(size_z, window_z=window_z, overlap_z=overlap_z)
     merged = None
     for i in range(n):
         start = min(i * stride, size_z - window_z)
@@ -121,7 +177,7 @@ def scn_section(args, rows, result):
     dtype = jnp.dtype(args.dtype)
     net = vertebrae_localization_net(preset=args.preset, dtype=dtype)
     window = (args.xy, args.xy, args.window_z)
-    params = bundle_lib.random_params(
+    params = testing.random_params(
         jax.eval_shape(
             lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, *window, 1)), train=False)
         )["params"],
@@ -130,8 +186,8 @@ def scn_section(args, rows, result):
     params = jax.tree_util.tree_map(jnp.asarray, params)  # on the device once, for every contender
     rng = np.random.default_rng(0)
     column = rng.uniform(-1, 1, (args.xy, args.xy, args.column_z, 1)).astype(np.float32)
-    n_win = inference.num_windows(args.column_z, window_z=args.window_z, overlap_z=args.overlap)
-    apply_partial = jax.tree_util.Partial(bundle_lib.apply_function(net, "heatmaps"), params)
+    n_win = windows.num_windows(args.column_z, window_z=args.window_z, overlap_z=args.overlap)
+    apply_partial = jax.tree_util.Partial(registry.apply_function(net, "heatmaps"), params)
     apply_one = jax.jit(lambda p, x: net.apply({"params": p}, x, train=False).heatmaps)
     # Direct-convolution FLOPs (XLA counts the Winograd path's batched products far too low).
     lax_net = vertebrae_localization_net(preset=args.preset, dtype=dtype, conv_impl="lax")
@@ -143,7 +199,7 @@ def scn_section(args, rows, result):
     peak = result["peak_flops"]
 
     def ours(bs, merge="max"):
-        return inference.sliding_window(
+        return windows.sliding_window(
             apply_partial,
             jnp.asarray(column),
             window_z=args.window_z,
@@ -214,8 +270,9 @@ def torch_contender(args, net, params, column, n_win):
         return None, None
     try:
         import torch
-        import torch_models
         from monai.inferers import sliding_window_inference
+
+        from benchmarks import torch_models
     except ImportError:
         print("torch/monai not installed (pip install -e '.[bench]'): skipping contender (c)")
         return None, None
@@ -246,7 +303,7 @@ def seg_section(args, rows):
     crop = (16, 16, 16) if args.quick else (128, 128, 96)
     shape = (args.seg_vertebrae, *crop, 2)
     init = lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, *crop, 2)), train=False)
-    params = bundle_lib.random_params(jax.eval_shape(init)["params"], seed=1)
+    params = testing.random_params(jax.eval_shape(init)["params"], seed=1)
     x = jax.random.normal(jax.random.PRNGKey(1), shape)
     batched = jax.jit(lambda p, v: jax.nn.sigmoid(net.apply({"params": p}, v, train=False)))
     compile_b = timed(batched, params, x)[0]
@@ -289,7 +346,7 @@ def column_section(args, rows, result, net, params, column, apply_one):
     t_whole = min(timed(whole, params, col)[0] for _ in range(args.repeats))
     out_whole = np.maximum(np.asarray(whole(params, col))[0], 0.0)
     out_win = loop_windows(apply_one, params, np.asarray(col[0]), args.window_z, args.overlap)
-    n_win = inference.num_windows(size_z, window_z=args.window_z, overlap_z=args.overlap)
+    n_win = windows.num_windows(size_z, window_z=args.window_z, overlap_z=args.overlap)
     rows.append(
         {
             "section": "whole column",
@@ -308,7 +365,7 @@ def column_section(args, rows, result, net, params, column, apply_one):
     grid = Geometry(tuple(out_win.shape[:3]), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
     moved = []
     for heat in (out_win, out_whole):
-        cand = postprocessing.landmark_candidates(heat, grid, min_distance_vox=7.0)
+        cand = candidates.landmark_candidates(heat, grid, min_distance_vox=7.0)
         moved.append(cand)
     both = moved[0].valid[:, 0] & moved[1].valid[:, 0]
     if both.any():
@@ -326,15 +383,15 @@ def predict_section(args, rows):
                 "scn": {"spacing_mm": 4.0, "crop_size": [32, 32, 32], "smoothing_mm": 0.75},
                 "seg": {"spacing_mm": 2.0, "crop_size": [32, 32, 32], "smoothing_mm": 0.75},
             }
-        path = bundle_lib.random_bundle(
+        path = testing.random_bundle(
             pathlib.Path(tmp) / "b", preset=args.preset, grids=grids, network_kwargs=None
         )
         bundle = bundle_lib.load_bundle(path)
         times = []
         for _ in range(1 if args.quick else 2):
             try:
-                times.append(timed(lambda: pipeline.predict_case(image, bundle)[1].array)[0])
-            except pipeline.NoSpineFoundError as err:  # random weights may find nothing
+                times.append(timed(lambda: predict.predict_case(image, bundle)[1].array)[0])
+            except predict.NoSpineFoundError as err:  # random weights may find nothing
                 print(f"predict_case: {err}")
                 return
     rows.append(
@@ -360,14 +417,15 @@ def landmark_section(args, result):
         case = cases[case_id]
         image = io.read_volume(case.image_path)
         gt = io.read_centroids(case.centroids_path, image.geometry)
-        volume = pipeline.stage_volumes(image, {"scn": stage.grid})["scn"]
+        volume = inputs.stage_volumes(image, {"scn": stage.grid})["scn"]
         spine_mm = gt.points_mm.mean(axis=0)
         out = {}
         for name in ("windows", "whole"):
             tic = time.perf_counter()
-            out[name] = pipeline.predict_landmarks(
-                volume, spine_mm, stage, whole_column=name == "whole"
-            )
+            if name == "whole":
+                out[name] = whole_column_landmarks(volume, spine_mm, stage)
+            else:
+                out[name] = predict.predict_landmarks(volume, spine_mm, stage)
             times[name] += time.perf_counter() - tic
         both = out["windows"][1] & out["whole"][1]
         d = np.linalg.norm(out["windows"][0][both] - out["whole"][0][both], axis=-1)
@@ -400,15 +458,11 @@ def print_table(rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = jax.devices()[0]
     dtype = jnp.dtype(args.dtype)
+    preset = "quick" if args.quick else f"{args.preset}-{args.dtype}"
     result = {
-        "benchmark": "inference_speed",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": f"{device.platform}:{device.device_kind}",
-        "cpu_count": os.cpu_count(),
+        **bench.header("inference_speed", preset, argv),
         "args": vars(args),
-        "jax": jax.__version__,
         "peak_flops": matmul_peak(dtype, 512 if args.quick else 2048),
     }
     rows = []
@@ -430,14 +484,8 @@ def main(argv=None):
     print(f"device {result['device']}, matmul peak {result['peak_flops'] / 1e9:.0f} GFLOP/s")
     print_table(rows)
     print(json.dumps({k: v for k, v in result.items() if k in ("scn", "whole_column")}, indent=1))
-    folder = pathlib.Path(tempfile.gettempdir()) / "verse-jax-benchmarks" if args.quick else RESULTS
-    name = f"{device.platform}-{args.preset}-{args.dtype}-{datetime.date.today()}.json"
-    out = pathlib.Path(args.out) if args.out else folder / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    out = bench.result_path("inference_speed", preset, quick=args.quick, out=args.out)
+    print(f"wrote {bench.write_result(out, result)}")
     return result
 
 

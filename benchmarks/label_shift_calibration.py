@@ -1,4 +1,4 @@
-"""Calibrate the label-shift flag (`label_confidence`) on held-out phantoms with a trained bundle.
+"""Calibrate the label-shift flag (`infer.confidence`) on held-out phantoms with a trained bundle.
 
 Draws fresh phantoms with a seed no training run used (held out by construction), runs stages 1-2
 of `predict_case` on each (no segmentation: the flag only needs the landmarks), and records the
@@ -13,12 +13,11 @@ the second half reports, at that threshold and at the provisional default:
     python benchmarks/label_shift_calibration.py --bundle bundle               # 40 cases, seed 1001
     python benchmarks/label_shift_calibration.py --bundle bundle --cases 80 --seed 2002
 
-Writes `benchmarks/results/label_shift_calibration-<date>.json` (per-case margins included) and
-prints the summary.
+Writes `benchmarks/results/label_shift_calibration-<device>-<N>-cases-<date>.json` (per-case
+margins included) and prints the summary.
 """
 
 import argparse
-import datetime
 import json
 import math
 import sys
@@ -27,8 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from verse_jax import bundle as bundle_lib
-from verse_jax import io, label_confidence, phantoms, pipeline
+from benchmarks import common as bench
+from verse_jax import io, phantoms
+from verse_jax.infer import bundle as bundle_lib
+from verse_jax.infer import confidence as label_confidence
+from verse_jax.infer import inputs, predict
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THRESHOLDS = tuple(round(float(t), 3) for t in np.arange(0.0, 0.505, 0.025))
@@ -47,12 +49,12 @@ def is_mislabelled(pred: io.Centroids, gt: io.Centroids, max_distance_mm: float 
 def case_record(image, gt: io.Centroids, model) -> dict:
     """Margin, flag inputs and correctness of one case (stages 1-2 only)."""
     grids = {"spine": model.spine.grid, "scn": model.scn.grid}
-    volumes = pipeline.stage_volumes(image, grids)
+    volumes = inputs.stage_volumes(image, grids)
     try:
-        spine_mm = pipeline.predict_spine(volumes["spine"], model.spine)
-    except pipeline.NoSpineFoundError:
+        spine_mm = predict.predict_spine(volumes["spine"], model.spine)
+    except predict.NoSpineFoundError:
         return {"margin": None, "no_sequence": True, "mislabelled": True, "labels": []}
-    candidates, sequence = pipeline.predict_landmark_sequence(volumes["scn"], spine_mm, model.scn)
+    candidates, sequence = predict.predict_landmark_sequence(volumes["scn"], spine_mm, model.scn)
     confidence = label_confidence.label_confidence(candidates, sequence)
     pred = io.landmarks_to_centroids(sequence.points_mm, sequence.valid)
     return {
@@ -124,6 +126,7 @@ def main(argv=None) -> dict:
     calibration, evaluation = records[:half], records[half:]
     chosen = choose_threshold(calibration)
     result = {
+        **bench.header("label_shift_calibration", f"{args.cases}-cases", argv),
         "bundle": str(args.bundle),
         "cases": args.cases,
         "seed": args.seed,
@@ -133,9 +136,9 @@ def main(argv=None) -> dict:
         "evaluation_at_default": rates(evaluation, label_confidence.DEFAULT_MARGIN_THRESHOLD),
         "records": records,
     }
-    date = datetime.date.today().isoformat()
-    out = Path(args.out) if args.out else RESULTS / f"label_shift_calibration-{date}.json"
-    out.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
+    preset = f"{args.cases}-cases"
+    out = bench.result_path("label_shift_calibration", preset, out=args.out)
+    bench.write_result(out, result, indent=2)
     summary = {k: v for k, v in result.items() if k != "records"}
     print(json.dumps(summary, indent=2))
     return result

@@ -5,18 +5,18 @@ convolution, so the count is the textbook one; the Winograd path does fewer mult
 XLA does not count its batched products the same way).
 
     python benchmarks/model_flops.py [--preset paper|demo|tiny]
+
+Writes `benchmarks/results/model_flops-<device>-<preset>-<date>.json` (or --out).
 """
 
 import argparse
-import datetime
-import json
-import os
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common as bench
 from verse_jax.models import (
     spine_localization_net,
     vertebrae_localization_net,
@@ -46,6 +46,7 @@ def count(preset: str, stage: str, crop) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--preset", default="paper", choices=["paper", "demo", "tiny"])
+    p.add_argument("--out", default=None, help="result JSON path")
     args = p.parse_args(argv)
     rows = [count(args.preset, stage, crop) for stage, crop in PAPER_CROPS.items()]
     for r in rows:
@@ -53,11 +54,9 @@ def main(argv=None):
             f"{r['stage']:<6} crop {'x'.join(map(str, r['crop'])):<14} "
             f"{r['parameters']:>10,} parameters {r['flops'] / 1e12:8.3f} TFLOP forward"
         )
-    out = RESULTS / f"model_flops-{args.preset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"date": str(datetime.date.today()), "rows": rows}, indent=1))
-    os.replace(tmp, out)
+    result = {**bench.header("model_flops", args.preset, argv), "rows": rows}
+    out = bench.write_result(bench.result_path("model_flops", args.preset, out=args.out), result)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 The CT is a whole-spine phantom rendered at 2 mm and resampled onto the 512 x 512 x 600 grid in a
 child process (so its generation does not count), written as uncompressed NIfTI, then read here.
-The networks are a random paper-size bundle (`bundle.random_bundle(preset="paper")`: the paper's
+The networks are a random paper-size bundle (`testing.random_bundle(preset="paper")`: the paper's
 grids and crop sizes, 2.5 M / 6.1 M / 2.6 M parameters). One `predict_case` call is timed, so the
 time includes compilation; peak memory is the process's peak RSS (`resource.getrusage`), which
 includes JAX, the bundle and the input CT. Random networks usually find no anatomical sequence and
@@ -12,14 +12,13 @@ scan has about 17-24 vertebrae).
     python benchmarks/predict_memory.py            # full size (paper networks: many minutes)
     python benchmarks/predict_memory.py --quick    # small phantom, tiny networks, coarse grids
 
-Writes `benchmarks/results/predict_memory[-quick]-cpu-<date>.json` and prints it.
+Writes `benchmarks/results/predict_memory-<device>-paper-<date>.json` (`--quick`: a temporary
+folder) and prints it.
 """
 
 import argparse
-import datetime
 import json
 import logging
-import os
 import re
 import resource
 import subprocess
@@ -29,6 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks import common as bench
 
 FULL = {"size": (512, 512, 600), "spacing_mm": (0.8, 0.8, 1.0)}
 QUICK = {"size": (96, 96, 120), "spacing_mm": (2.0, 2.0, 2.5)}
@@ -78,7 +79,8 @@ class _Records(logging.Handler):
 
 
 def run(args) -> dict:
-    from verse_jax import bundle, io, pipeline
+    from verse_jax import io, testing
+    from verse_jax.infer import bundle, predict
 
     spec = QUICK if args.quick else FULL
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="predict_memory-"))
@@ -95,16 +97,16 @@ def run(args) -> dict:
     preset = "tiny" if args.quick else "paper"
     bundle_dir = work / f"bundle-{preset}"
     if not bundle_dir.exists():
-        bundle.random_bundle(bundle_dir, preset=preset, grids=QUICK_GRIDS if args.quick else None)
+        testing.random_bundle(bundle_dir, preset=preset, grids=QUICK_GRIDS if args.quick else None)
     model = bundle.load_bundle(bundle_dir)
     rss_model = current_rss_gib()
     image = io.read_volume(ct_path)
     rss_ct = current_rss_gib()
     records = _Records()
-    logging.getLogger("verse_jax.pipeline").addHandler(records)
-    logging.getLogger("verse_jax.pipeline").setLevel(logging.INFO)
+    logging.getLogger("verse_jax.infer.predict").addHandler(records)
+    logging.getLogger("verse_jax.infer.predict").setLevel(logging.INFO)
     tic = time.perf_counter()
-    centroids, mask = pipeline.predict_case(
+    centroids, mask = predict.predict_case(
         image, model, overlap_z=args.overlap, seg_batch_size=args.seg_batch_size
     )
     seconds = time.perf_counter() - tic
@@ -112,8 +114,7 @@ def run(args) -> dict:
     for message in records.messages:
         stage_times |= {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", message)}
     return {
-        "benchmark": "predict_memory" + ("-quick" if args.quick else ""),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **bench.header("predict_memory", "quick" if args.quick else "paper", args.argv),
         "ct": {
             "size": list(image.geometry.size),
             "spacing_mm": list(image.geometry.spacing_mm),
@@ -134,11 +135,10 @@ def run(args) -> dict:
         "rss_after_bundle_gib": round(rss_model, 3),
         "rss_after_reading_ct_gib": round(rss_ct, 3),
         "note": "one call, compile included; peak RSS of the whole process",
-        "machine": {"cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg()},
     }
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small CT, tiny networks")
     parser.add_argument("--seed", type=int, default=0)
@@ -146,21 +146,18 @@ def main() -> None:
     parser.add_argument("--seg-batch-size", type=int, default=1)
     parser.add_argument("--work-dir", help="keeps the CT and bundle between runs")
     parser.add_argument("--make-ct", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--out", default=None, help="result JSON path")
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.make_ct:
         spec = QUICK if args.quick else FULL
         make_ct(Path(args.make_ct), spec["size"], spec["spacing_mm"], args.seed)
         return
     result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    day = datetime.date.today().isoformat()
-    out = RESULTS / f"{result['benchmark']}-cpu-{day}.json"
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    print(json.dumps(result, indent=2))
+    preset = "quick" if args.quick else "paper"
+    out = bench.result_path("predict_memory", preset, quick=args.quick, out=args.out)
+    print(f"wrote {bench.write_result(out, result, indent=2)}")
 
 
 if __name__ == "__main__":

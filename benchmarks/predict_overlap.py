@@ -7,23 +7,20 @@ cases per hour per round and the median of the per-round speed-ups.
     verse-jax phantoms /tmp/ph6 --cases 6 --seed 99 --max-voxels 2000000
     python benchmarks/predict_overlap.py /tmp/ph6 --rounds 3      # shipped demo bundle
 
-Writes `benchmarks/results/predict_overlap-<device>-<date>.json` (or --out).
+Writes `benchmarks/results/predict_overlap-<device>-<shipped|bundle>-<date>.json` (or --out).
 """
 
 import argparse
 import contextlib
-import datetime
 import io as text_io
 import json
-import os
 import pathlib
 import statistics
 import tempfile
 import time
 
-import jax
-
-from verse_jax import cli
+from benchmarks import common as bench
+from verse_jax import cli, io
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -49,7 +46,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None, help="result JSON path")
     args = p.parse_args(argv)
-    cases = cli.find_inputs(pathlib.Path(args.inputs))
+    cases = io.find_inputs(pathlib.Path(args.inputs))
     run(args.inputs, args.model, ["--no-overlap-io"])  # warm-up: compile for every case's shapes
     modes = {"overlapped": [], "one at a time": ["--no-overlap-io"]}
     seconds = {name: [] for name in modes}
@@ -61,13 +58,9 @@ def main(argv=None):
     speedup = statistics.median(
         b / a for a, b in zip(seconds["overlapped"], seconds["one at a time"], strict=True)
     )
-    device = jax.devices()[0]
+    preset = "shipped" if args.model is None else "bundle"
     result = {
-        "benchmark": "predict_overlap",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": f"{device.platform}:{device.device_kind}",
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(),
+        **bench.header("predict_overlap", preset, argv),
         "args": vars(args),
         "cases": len(cases),
         "seconds": seconds,
@@ -78,10 +71,7 @@ def main(argv=None):
     print(
         json.dumps({k: result[k] for k in ("median_cases_per_hour", "median_speedup_overlapped")})
     )
-    name = f"predict_overlap-{device.platform}-{datetime.date.today()}.json"
-    out = pathlib.Path(args.out) if args.out else RESULTS / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out = bench.write_result(bench.result_path("predict_overlap", preset, out=args.out), result)
     print(f"wrote {out}")
     return result
 

@@ -21,9 +21,6 @@ folder).
 import argparse
 import collections
 import contextlib
-import datetime
-import json
-import os
 import pathlib
 import statistics
 import tempfile
@@ -35,9 +32,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from verse_jax import bundle as bundle_lib
-from verse_jax import cli, demo, inference, io, phantoms, pipeline, postprocessing, samples
+from benchmarks import common as bench
+from verse_jax import cli, demo, io, phantoms, testing
+from verse_jax.data import samples
 from verse_jax.geometry import Geometry, Volume
+from verse_jax.infer import bundle as bundle_lib
+from verse_jax.infer import candidates, fusion, inputs, predict
+from verse_jax.infer import sequence as sequence_lib
+from verse_jax.infer import sliding_window as windows
+from verse_jax.models import registry
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 TINY_GRIDS = {
@@ -76,8 +79,8 @@ class Recorder:
 @contextlib.contextmanager
 def instrumented(rec: Recorder):
     """Timers around the pipeline's steps (module attributes; behaviour unchanged)."""
-    apply_fn = bundle_lib.StageModel.apply_fn
-    sliding_window = inference.sliding_window
+    apply_fn = registry.StageNetwork.apply_fn
+    sliding_window = windows.sliding_window
 
     def timed_apply_fn(stage, transform=None):
         fn = apply_fn(stage, transform)
@@ -89,7 +92,7 @@ def instrumented(rec: Recorder):
         return rec.wrap(f"{stage.stage} network", call)
 
     def timed_windows(apply, column, *, window_z, overlap_z, **kwargs):
-        rec.scn_windows += inference.num_windows(
+        rec.scn_windows += windows.num_windows(
             column.shape[2], window_z=window_z, overlap_z=overlap_z
         )
         rec.calls["scn"].append((1, *column.shape[:2], window_z, column.shape[3]))
@@ -103,36 +106,36 @@ def instrumented(rec: Recorder):
         return call
 
     patches = [
-        (bundle_lib.StageModel, "apply_fn", timed_apply_fn),
+        (registry.StageNetwork, "apply_fn", timed_apply_fn),
         (
-            pipeline,
+            inputs,
             "stage_volumes",
-            rec.wrap("preprocessing", keep_volumes(pipeline.stage_volumes)),
+            rec.wrap("preprocessing", keep_volumes(inputs.stage_volumes)),
         ),
-        (pipeline, "predict_spine", rec.wrap("spine stage", pipeline.predict_spine, "spine")),
-        (inference, "sliding_window", rec.wrap("scn windows", timed_windows)),
+        (predict, "predict_spine", rec.wrap("spine stage", predict.predict_spine, "spine")),
+        (windows, "sliding_window", rec.wrap("scn windows", timed_windows)),
         (
-            postprocessing,
+            predict,
             "landmark_candidates",
-            rec.wrap("candidates + sequence", postprocessing.landmark_candidates),
+            rec.wrap("candidates + sequence", candidates.landmark_candidates),
         ),
         (
-            postprocessing,
+            sequence_lib,
             "select_landmark_sequence",
-            rec.wrap("candidates + sequence", postprocessing.select_landmark_sequence),
+            rec.wrap("candidates + sequence", sequence_lib.select_landmark_sequence),
         ),
         (
-            pipeline,
+            predict,
             "fuse_segmentation",
-            rec.wrap("segmentation stage", pipeline.fuse_segmentation, "seg"),
+            rec.wrap("segmentation stage", predict.fuse_segmentation, "seg"),
         ),
         (
             samples,
             "prediction_input",
             rec.wrap(lambda s: "seg crops" if s == "seg" else None, samples.prediction_input),
         ),
-        (postprocessing, "largest_component", rec.wrap("fusion", postprocessing.largest_component)),
-        (pipeline, "_fuse", rec.wrap("fusion", pipeline._fuse)),
+        (predict, "largest_component", rec.wrap("fusion", fusion.largest_component)),
+        (predict, "fuse_crop", rec.wrap("fusion", fusion.fuse_crop)),
     ]
     with contextlib.ExitStack() as stack:
         for owner, attr, new in patches:
@@ -143,7 +146,7 @@ def instrumented(rec: Recorder):
 def make_case(args, tmp: pathlib.Path):
     """(bundle, CT path, true centroids or None, description) of the preset."""
     if args.preset == "paper":
-        path = bundle_lib.random_bundle(tmp / "bundle", preset="paper", seed=0)
+        path = testing.random_bundle(tmp / "bundle", preset="paper", seed=0)
         rng = np.random.default_rng(0)
         ct = rng.normal(0.0, 300.0, (512, 512, 600)).astype(np.float32)
         geometry = Geometry((512, 512, 600), (0.8, 0.8, 1.0), (0.0, 0.0, 0.0))
@@ -151,7 +154,7 @@ def make_case(args, tmp: pathlib.Path):
         io.write_volume(ct_path, Volume(ct, geometry))
         return bundle_lib.load_bundle(path), ct_path, None, "random CT 512x512x600, paper bundle"
     if args.preset == "quick":
-        path = bundle_lib.random_bundle(
+        path = testing.random_bundle(
             tmp / "bundle", grids=TINY_GRIDS, seed=2, network_kwargs={"conv_impl": "lax"}
         )
         model, phantom = (
@@ -191,12 +194,12 @@ def one_case(model, ct_path, centroids, out_dir: pathlib.Path) -> tuple[Recorder
     image = rec.wrap("read", io.read_volume)(ct_path)
     with instrumented(rec):
         try:
-            result = pipeline.predict_case_details(image, model)
+            result = predict.predict_case_details(image, model)
             info["vertebrae"] = int(len(result.centroids.labels))
-        except pipeline.NoSpineFoundError as error:
+        except predict.NoSpineFoundError as error:
             points, valid, info["segmentation_on"] = fallback_points(rec.volumes["seg"], centroids)
             info["no_vertebra_found"] = str(error)
-            fusion = pipeline.fuse_segmentation(
+            fused = predict.fuse_segmentation(
                 rec.volumes["seg"], points, valid, model.seg, image.geometry
             )
             result = None
@@ -208,7 +211,7 @@ def one_case(model, ct_path, centroids, out_dir: pathlib.Path) -> tuple[Recorder
         options = types.SimpleNamespace(output_type="nifti")
         cli._write_case_extras("case", ct_path, out_dir, image, result, options)
     else:
-        io.write_volume(out_dir / "case_seg.nii.gz", Volume(fusion.labels, image.geometry))
+        io.write_volume(out_dir / "case_seg.nii.gz", Volume(fused.labels, image.geometry))
     rec.seconds["write"] = time.perf_counter() - tic_write
     rec.seconds["total"] = time.perf_counter() - tic
     return rec, info
@@ -248,7 +251,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.preset = "quick"
-    device = jax.devices()[0]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         model, ct_path, centroids, what = make_case(args, tmp)
@@ -284,12 +286,7 @@ def main(argv=None):
         rows.append(row)
     total, network = seconds["total"], sum(nets.values())
     result = {
-        "benchmark": "predict_speed",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": f"{device.platform}:{device.device_kind}",
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(),
-        "jax": jax.__version__,
+        **bench.header("predict_speed", args.preset, argv),
         "args": vars(args),
         "case": what,
         **info,
@@ -314,12 +311,8 @@ def main(argv=None):
         f"{'total':<24} {total:8.3f} s  network {network:8.3f} s  "
         f"overhead {result['overhead_fraction']:.2f}"
     )
-    folder = pathlib.Path(tempfile.gettempdir()) / "verse-jax-benchmarks" if args.quick else RESULTS
-    name = f"predict_speed-{device.platform}-{args.preset}-{datetime.date.today()}.json"
-    out = pathlib.Path(args.out) if args.out else folder / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    out = bench.result_path("predict_speed", args.preset, quick=args.quick, out=args.out)
+    print(f"wrote {bench.write_result(out, result)}")
     return result
 
 

@@ -1,10 +1,10 @@
 """Training speed per stage: the whole jitted train step, compile time, the data pipeline's share.
 
 For each stage (spine, scn, seg) and preset (`experiments/configs/<stage>.py`: paper, demo; --quick:
-smoke), the benchmark builds exactly what `experiments/common.run` trains: the stage's network,
-loss and optimizer as the training script wires them (captured from `train_and_evaluate`), the
-Grain pipeline `data.make_train_dataset` and `training.make_train_step` with the on-device
-augmentation `samples.make_device_transform`, jitted with `donate_argnums=0`. Data: a few phantoms
+smoke), the benchmark builds exactly what `experiments/common.run` trains, with the same two
+calls: the training script's `make_stage(config)` (network, loss, sigmas) and
+`experiments.trainer.create_trainer` (Grain pipeline, network, optimizer, initial state and the
+train step with the on-device augmentation), jitted with `donate_argnums=0`. Data: a few phantoms
 (`phantoms.write_phantom_dataset`) in a temporary folder, all cases used for training.
 
 Figures per (stage, preset):
@@ -24,56 +24,36 @@ Figures per (stage, preset):
     python benchmarks/train_speed.py --presets demo --stages scn seg
     python benchmarks/train_speed.py --quick       # smoke configs, tiny nets, lax conv, XLA -O0
 
-Prints a table and writes benchmarks/results/train_speed[-quick]-<platform>-<date>.json (atomic).
-Runs unchanged on a GPU (platform from `jax.default_backend()`).
+Prints a table and writes benchmarks/results/train_speed-<device>-<preset>-<date>.json (atomic;
+preset `demo+paper`, `demo`, ... or `quick`, which goes to a temporary folder). Runs unchanged on
+a GPU (device from `jax.default_backend()`).
 """
 
 import argparse
-import datetime
-import json
 import logging
 import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
-if __package__ in (None, ""):  # run as a script: make `experiments` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from benchmarks import common as bench
+from experiments import common, train_scn, train_seg, train_spine, trainer
+from experiments.configs import scn, seg, spine
+from verse_jax import phantoms
+from verse_jax.data import samples
+from verse_jax.io import datasets
+from verse_jax.train import sharding
 
-from experiments import common, train_scn, train_seg, train_spine  # noqa: E402
-from experiments.configs import scn, seg, spine  # noqa: E402
-from verse_jax import bundle, data, phantoms, samples, training  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("spine", "scn", "seg")
 SCRIPTS = {"spine": (train_spine, spine), "scn": (train_scn, scn), "seg": (train_seg, seg)}
 REPEATS = {"paper": 2, "demo": 10, "smoke": 3}  # timed steps after the warm-up step
-PREFETCH_DRAIN = 3  # batches Grain may hold ready (data._finish: prefetch_buffer_size=2)
+PREFETCH_DRAIN = 3  # batches Grain may hold ready (data_pipeline._finish: prefetch_buffer_size=2)
 log = logging.getLogger("train_speed")
-
-
-def captured_stage(stage: str, config) -> common.Stage:
-    """The `common.Stage` (network, loss, sigmas) the stage's training script builds for `config`.
-
-    The script's `train_and_evaluate` is called with `common.run` replaced by a recorder, so the
-    benchmark runs the trainer's own wiring without training.
-    """
-    script = SCRIPTS[stage][0]
-    seen = []
-    with mock.patch.object(common, "run", lambda cfg, workdir, s: seen.append(s)):
-        script.train_and_evaluate(config, "unused-workdir")
-    if len(seen) != 1 or not isinstance(seen[0], common.Stage):
-        raise RuntimeError(f"{script.__name__}.train_and_evaluate did not call common.run once")
-    return seen[0]
 
 
 def stage_config(stage: str, preset: str, root: Path, cache_dir: Path, conv_impl: str | None):
@@ -90,7 +70,7 @@ def data_mesh(batch_size: int) -> jax.sharding.Mesh:
     """Mesh over as many local devices as divide the batch (all of them if the batch allows)."""
     devices = jax.local_devices()
     count = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
-    return training.make_mesh(devices[:count])
+    return sharding.make_mesh(devices[:count])
 
 
 def _timed(fn, *args):
@@ -125,46 +105,26 @@ def _temp_gib(compiled) -> float | None:
 
 
 def build(stage: str, preset: str, root: Path, cache_dir: Path, conv_impl: str | None) -> dict:
-    """Everything one (stage, preset) measurement needs, built as `common.run` builds it."""
+    """Everything one (stage, preset) measurement needs: the training script's `make_stage` and
+    `experiments.trainer.create_trainer`, as `experiments/common.run` trains it."""
     config = stage_config(stage, preset, root, cache_dir, conv_impl)
-    parts = captured_stage(stage, config)
-    spec = common.stage_spec(config)
-    model = bundle.build_model(parts.factory, parts.factory_kwargs)
-    optimizer, schedule = common.build_optimizer(config.optim)
-    batch_size = config.train.batch_size
-    mesh = data_mesh(batch_size)
-    train_ids = data.select_case_ids(root)
+    parts = SCRIPTS[stage][0].make_stage(config)
+    mesh = data_mesh(config.train.batch_size)
     start = time.perf_counter()
-    dataset = data.make_train_dataset(
-        root,
-        train_ids,
-        spec,
-        cache_dir=cache_dir,
-        batch_size=batch_size,
-        seed=config.seed,
-        num_workers=config.data.worker_count,
+    built = trainer.create_trainer(
+        config, parts, mesh=mesh, train_ids=datasets.select_case_ids(root)
     )
-    cache_s = time.perf_counter() - start
-    step = training.make_train_step(
-        parts.make_loss(model.apply),
-        optimizer,
-        device_transform=samples.make_device_transform(spec),
-        learning_rate_fn=schedule,
-    )
-    shape = (1, *spec.crop_size, spec.input_channels)
-    init = jax.jit(lambda k: model.init(k, jnp.zeros(shape, jnp.float32), train=False))
-    params = init(jax.random.key(config.seed))["params"]
-    sigmas = None if parts.sigmas is None else jnp.asarray(parts.sigmas, jnp.float32)
-    state = training.replicate(training.TrainState.create(params, optimizer, sigmas), mesh)
+    setup_s = time.perf_counter() - start
+    state = sharding.replicate(built.init_state(), mesh)
     return {
         "config": config,
-        "spec": spec,
+        "spec": built.spec,
         "mesh": mesh,
-        "dataset": dataset,
-        "cache_s": cache_s,
-        "step": step,
+        "dataset": built.dataset,
+        "cache_s": setup_s,
+        "step": built.step,
         "state": state,
-        "num_params": _num_params(params),
+        "num_params": _num_params(state.params),
         "factory_kwargs": dict(parts.factory_kwargs),
     }
 
@@ -174,7 +134,7 @@ def draw(iterator, mesh) -> tuple[float, float, dict]:
     start = time.perf_counter()
     raw = next(iterator)
     host_s = time.perf_counter() - start
-    put_s, batch = _timed(training.shard_batch, raw, mesh)
+    put_s, batch = _timed(sharding.shard_batch, raw, mesh)
     return host_s, put_s, batch
 
 
@@ -228,7 +188,7 @@ def measure(stage: str, preset: str, root: Path, cache_dir: Path, args) -> dict:
     iterator = iter(b["dataset"])
     t = time_steps(b, iterator, args.repeats or REPEATS[preset], args.compiler_options)
     host_s, raw = host_batch_seconds(iterator, args.host)
-    batch = training.shard_batch(raw, b["mesh"])
+    batch = sharding.shard_batch(raw, b["mesh"])
     augment = augment_seconds(spec, batch, max(len(t["steps"]), 3), args.compiler_options)
     if hasattr(iterator, "close"):
         iterator.close()
@@ -307,22 +267,16 @@ def _table_values(row: dict) -> dict:
     }
 
 
-def write_json(path: Path, result: dict) -> None:
-    """Atomic write (temporary file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+def _preset(args) -> str:
+    return "quick" if args.quick else "+".join(args.presets)
 
 
 def header(args, phantom_s: float) -> dict:
     return {
+        **bench.header("train_speed", _preset(args), args.argv),
+        # the name of the measurement; --quick runs are smoke tests of the benchmark
         "benchmark": "train_speed" + ("-quick" if args.quick else ""),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["python benchmarks/train_speed.py", *args.argv]),
         "platform": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind),
-        "jax": jax.__version__,
         "data": {"phantom_cases": args.cases, "seed": args.seed, "generation_s": phantom_s},
         "compiler_options": args.compiler_options,
         "repeats": args.repeats
@@ -352,7 +306,7 @@ def run(args, out: Path | None) -> dict:
         kwargs = {"max_voxels": args.max_voxels} if args.max_voxels else {}
         phantoms.write_phantom_dataset(root, args.cases, seed=args.seed, **kwargs)
         result = header(args, time.perf_counter() - start)
-        out = out or RESULTS / f"{result['benchmark']}-{result['platform']}-{_day()}.json"
+        out = bench.result_path("train_speed", _preset(args), quick=args.quick, out=out)
         for preset in presets:
             for stage in args.stages:
                 log.info("measuring %s / %s", stage, preset)
@@ -364,24 +318,12 @@ def run(args, out: Path | None) -> dict:
                     log.exception("%s / %s failed", stage, preset)
                     row = {"stage": stage, "preset": preset, "error": repr(err)}
                 result["results"].append(row)
-                result["machine"] = _machine()
-                write_json(out, result)
+                result["machine"] = bench.header("train_speed", _preset(args))["machine"]
+                bench.write_result(out, result, indent=2)
     result["complete"] = True
-    write_json(out, result)
+    bench.write_result(out, result, indent=2)
     result["out"] = str(out)
     return result
-
-
-def _day() -> str:
-    return datetime.datetime.now(datetime.UTC).date().isoformat()
-
-
-def _machine() -> dict:
-    return {
-        "cpus": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "loadavg": os.getloadavg(),
-    }
 
 
 def parse_args(argv):

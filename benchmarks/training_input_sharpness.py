@@ -20,28 +20,27 @@ each, and the ratios training / reference (1.0 = as sharp as prediction inputs):
     python benchmarks/training_input_sharpness.py --preset paper --cases 3 --crops 4
     python benchmarks/training_input_sharpness.py --quick # 2 x 2, written to a temp folder
 
-Writes ``benchmarks/results/training_input_sharpness-<preset>-<date>.json``.
+Writes ``benchmarks/results/training_input_sharpness-<device>-<preset>-<date>.json`` (``--quick``: a
+temporary folder).
 """
 
 import argparse
 import dataclasses
-import datetime
-import json
 import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+from scipy import ndimage
 
-import numpy as np  # noqa: E402
-from scipy import ndimage  # noqa: E402
-
-from experiments import common  # noqa: E402
-from experiments.configs import scn, seg, spine  # noqa: E402
-from verse_jax import augmentation as aug  # noqa: E402
-from verse_jax import io, phantoms, preprocessing, samples, stage_cache, stages  # noqa: E402
-from verse_jax.geometry import Geometry, Volume  # noqa: E402
+from benchmarks import common as bench
+from experiments import trainer
+from experiments.configs import scn, seg, spine
+from verse_jax import io, phantoms, preprocessing, stages
+from verse_jax.data import augmentation as aug
+from verse_jax.data import cache as stage_cache
+from verse_jax.data import samples
+from verse_jax.geometry import Geometry, Volume
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = {"spine": spine, "scn": scn, "seg": seg}
@@ -55,7 +54,7 @@ def mean_gradient(crop: np.ndarray, inside: np.ndarray) -> float:
     return float(magnitude[inside].mean()) if inside.any() else 0.0
 
 
-def inside_scan(image: io.Volume, target: Geometry, margin: int = 2) -> np.ndarray:
+def inside_scan(image: Volume, target: Geometry, margin: int = 2) -> np.ndarray:
     """Crop voxels at least ``margin`` voxels inside the scan (the edge of the field of view is a
     step to the outside value that any interpolation treats differently)."""
     ones = Volume(np.ones(image.geometry.size, np.uint8), image.geometry)
@@ -122,7 +121,7 @@ def case_crops(case: io.Case, spec, crops: int, rng: np.random.Generator) -> lis
     return out
 
 
-def run(preset: str, num_cases: int, crops: int, out_dir: Path) -> dict:
+def run(preset: str, num_cases: int, crops: int, *, quick: bool = False, out=None) -> dict:
     root = phantoms.default_dataset(
         Path(tempfile.gettempdir()) / f"verse-jax-sharpness-{num_cases}-{SEED}", num_cases, SEED
     )
@@ -131,7 +130,7 @@ def run(preset: str, num_cases: int, crops: int, out_dir: Path) -> dict:
     report = {"preset": preset, "cases": num_cases, "crops_per_case": crops, "stages": {}}
     for name, module in CONFIGS.items():
         config = module.get_config(preset)
-        spec = translation_only(common.stage_spec(config))
+        spec = translation_only(trainer.stage_spec(config))
         rows = [row for case in cases for row in case_crops(case, spec, crops, rng)]
         mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
         summary = {
@@ -152,11 +151,10 @@ def run(preset: str, num_cases: int, crops: int, out_dir: Path) -> dict:
             f"linear {mean['linear']:.5f} ({summary['ratio_linear']:.3f})",
             flush=True,
         )
-    report["date"] = datetime.date.today().isoformat()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"training_input_sharpness-{preset}-{report['date']}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    name = "quick" if quick else preset
+    report = {**bench.header("training_input_sharpness", name), **report}
+    path = bench.result_path("training_input_sharpness", name, quick=quick, out=out)
+    print(f"wrote {bench.write_result(path, report, indent=2)}")
     return report
 
 
@@ -166,12 +164,12 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", type=int, default=6)
     parser.add_argument("--crops", type=int, default=8, help="crops per case and stage")
     parser.add_argument("--quick", action="store_true", help="2 cases x 2 crops, temp folder")
+    parser.add_argument("--out", default=None, help="result JSON path")
     args = parser.parse_args(argv)
     if args.quick:
-        out = Path(tempfile.mkdtemp(prefix="sharpness-"))
-        run(args.preset, 2, 2, out)
+        run(args.preset, 2, 2, quick=True, out=args.out)
     else:
-        run(args.preset, args.cases, args.crops, RESULTS)
+        run(args.preset, args.cases, args.crops, out=args.out)
     return 0
 
 

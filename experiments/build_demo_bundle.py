@@ -22,12 +22,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the `experiments` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments import common, train_scn, train_seg, train_spine  # noqa: E402
-from experiments.configs import scn, seg, spine  # noqa: E402
-from verse_jax import bundle, demo, phantoms  # noqa: E402
+from experiments import common, train_scn, train_seg, train_spine, trainer
+from experiments.configs import scn, seg, spine
+from verse_jax import (
+    demo,
+    phantoms,
+    testing,
+)
+from verse_jax.infer import bundle
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {"spine": (train_spine, spine), "scn": (train_scn, scn), "seg": (train_seg, seg)}
@@ -147,11 +149,11 @@ def build_placeholder(out: Path) -> Path:
         "command": "python experiments/build_demo_bundle.py --placeholder",
     }
     with tempfile.TemporaryDirectory() as tmp:
-        random = bundle.random_bundle(
+        random = testing.random_bundle(
             Path(tmp) / "random",
             preset=presets.pop(),
             seed=0,
-            grids={name: common.stage_spec(c) for name, c in configs.items()},
+            grids={name: trainer.stage_spec(c) for name, c in configs.items()},
             num_landmarks=configs["scn"].data.num_landmarks,
             network_kwargs={"conv_impl": configs["spine"].model.conv_impl},
         )
@@ -172,7 +174,7 @@ def build_trained(out: Path, runs: Path, preset: str = "demo") -> Path:
         "stages": records,
         "command": "python experiments/build_demo_bundle.py",
     }
-    specs = {name: common.stage_spec(STAGES[name][1].get_config(preset)) for name in STAGES}
+    specs = {name: trainer.stage_spec(STAGES[name][1].get_config(preset)) for name in STAGES}
     return write_shipped({s: w / "export" for s, w in workdirs.items()}, out, extra, specs)
 
 

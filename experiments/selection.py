@@ -1,10 +1,10 @@
 """Which training step is the best: a stage's validation metric, its direction and a tie-break.
 
 A stage declares `select=("id_rate", "max")` (and optionally `tie_break=("mean_distance_mm",
-"min")`) on `experiments.common.Stage`. Steps are compared by `rank`: a tuple, larger is better,
+"min")`) on `experiments.trainer.Stage`. Steps are compared by `rank`: a tuple, larger is better,
 with a missing or non-finite value ranking below every finite one and, on equal values, the
-earlier step winning. The same key ranks the orbax checkpoints (`verse_jax.checkpoint`), so the
-best checkpoint kept on disk and the best export agree.
+earlier step winning. The same key ranks the orbax checkpoints (`verse_jax.train.checkpoint`), so
+the best checkpoint kept on disk and the best export agree.
 """
 
 import dataclasses

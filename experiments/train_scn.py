@@ -12,17 +12,14 @@ rate (20 mm rule) and the mean localisation distance (mm) of the identified land
 distance, then the earlier step); `<workdir>/export-last` the last step.
 """
 
-import sys
-from pathlib import Path
+import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make the `experiments` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import numpy as np  # noqa: E402
-
-from experiments import common  # noqa: E402
-from verse_jax import metrics, pipeline, stages, training  # noqa: E402
-from verse_jax.models import initial_sigmas  # noqa: E402
+from experiments import common, trainer
+from verse_jax import metrics, stages
+from verse_jax.infer import predict
+from verse_jax.models import initial_sigmas
+from verse_jax.train import stage_losses
+from verse_jax.train import state as train_state
 
 
 def make_evaluate(ctx: common.Context):
@@ -31,12 +28,12 @@ def make_evaluate(ctx: common.Context):
     overlap = ctx.config.eval.overlap_z
 
     def evaluate(state):
-        model = common.stage_model(ctx, state)
+        model = common.stage_network(ctx, state)
         results = []
         for case, volume in zip(cases, volumes, strict=True):
             gt_mm = case.geometry.index_to_physical(case.landmarks_vox.astype(np.float64))
             center_mm = gt_mm[case.valid].mean(axis=0)
-            points_mm, valid = pipeline.predict_landmarks(
+            points_mm, valid = predict.predict_landmarks(
                 volume, center_mm, model, overlap_z=overlap
             )
             results.append(
@@ -52,10 +49,10 @@ def make_evaluate(ctx: common.Context):
     return evaluate
 
 
-def make_stage(config) -> common.Stage:
+def make_stage(config) -> trainer.Stage:
     """The stage of `config` (experiments/configs/scn.py): network, loss, validation."""
     o = config.optim
-    return common.Stage(
+    return trainer.Stage(
         factory=stages.FACTORIES["scn"],
         factory_kwargs={
             "num_landmarks": config.data.num_landmarks,
@@ -63,7 +60,7 @@ def make_stage(config) -> common.Stage:
             "conv_impl": config.model.conv_impl,
             "head_init_std": config.model.head_init_std,
         },
-        make_loss=lambda apply: training.make_scn_loss(
+        make_loss=lambda apply: stage_losses.make_scn_loss(
             apply, weight_decay=o.weight_decay, sigma_weight=o.sigma_weight, scale=o.heatmap_scale
         ),
         make_evaluate=make_evaluate,
@@ -73,7 +70,7 @@ def make_stage(config) -> common.Stage:
     )
 
 
-def train_and_evaluate(config, workdir) -> training.TrainState:
+def train_and_evaluate(config, workdir) -> train_state.TrainState:
     """Trains stage 2 with `config` (experiments/configs/scn.py) into `workdir`."""
     return common.run(config, workdir, make_stage(config))
 

@@ -9,17 +9,13 @@ the crops around every ground-truth centroid of the held-out cases; mean over ve
 `<workdir>/export` holds the step with the highest mean Dice, `<workdir>/export-last` the last.
 """
 
-import sys
-from pathlib import Path
+import jax
+import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make the `experiments` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from experiments import common  # noqa: E402
-from verse_jax import metrics, stages, training  # noqa: E402
+from experiments import common, trainer
+from verse_jax import metrics, stages
+from verse_jax.train import stage_losses
+from verse_jax.train import state as train_state
 
 
 def make_evaluate(ctx: common.Context):
@@ -44,12 +40,12 @@ def make_evaluate(ctx: common.Context):
     return evaluate
 
 
-def make_stage(config) -> common.Stage:
+def make_stage(config) -> trainer.Stage:
     """The stage of `config` (experiments/configs/seg.py): network, loss, validation."""
-    return common.Stage(
+    return trainer.Stage(
         factory=stages.FACTORIES["seg"],
         factory_kwargs={"preset": config.model.preset, "conv_impl": config.model.conv_impl},
-        make_loss=lambda apply: training.make_seg_loss(
+        make_loss=lambda apply: stage_losses.make_seg_loss(
             apply, weight_decay=config.optim.weight_decay, dice_weight=config.optim.dice_weight
         ),
         make_evaluate=make_evaluate,
@@ -57,7 +53,7 @@ def make_stage(config) -> common.Stage:
     )
 
 
-def train_and_evaluate(config, workdir) -> training.TrainState:
+def train_and_evaluate(config, workdir) -> train_state.TrainState:
     """Trains stage 3 with `config` (experiments/configs/seg.py) into `workdir`."""
     return common.run(config, workdir, make_stage(config))
 

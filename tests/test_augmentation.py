@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from verse_jax import augmentation as aug
+from verse_jax.data import augmentation as aug
 
 SPACING = 2.0
 CROP = (24, 24, 40)  # one crop and box shape for all tests: one compilation

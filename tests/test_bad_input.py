@@ -6,25 +6,23 @@ Small inputs made here: one phantom case (CT, mask, centroids) and a tiny random
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_cli import GRIDS
+from test_io import _write_dicom_series
 
-from verse_jax import bundle, cli, evaluation, io, phantoms, preprocessing
+from verse_jax import cli, evaluation, io, phantoms, preprocessing, testing
 from verse_jax.cli import main
 from verse_jax.geometry import Geometry, Volume
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_cli import GRIDS  # noqa: E402
-from test_io import _write_dicom_series  # noqa: E402
+from verse_jax.infer import bundle
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "bundle"
-    return bundle.random_bundle(path, grids=GRIDS, seed=2, network_kwargs={"conv_impl": "lax"})
+    return testing.random_bundle(path, grids=GRIDS, seed=2, network_kwargs={"conv_impl": "lax"})
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +100,14 @@ def test_plain_folder_inputs_are_all_taken_and_skips_named(case, tmp_path, caplo
     (folder / "empty").mkdir()
     geometry = Geometry((6, 5, 4), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
     _write_dicom_series(folder / "series", Volume(np.zeros((6, 5, 4), np.int16), geometry))
-    inputs = cli.find_inputs(folder)
+    inputs = io.find_inputs(folder)
     assert [i for i, _ in inputs] == ["other", "scan1", "series"]
     assert "skipped (not CT inputs): empty/, notes.txt" in caplog.text
     assert "no VerSe cases" not in caplog.text
     # A real VerSe'19 folder: CTs with their masks and centroids beside them.
     miccai = tmp_path / "miccai"
     _flat_ground_truth(miccai, case, "verse004")
-    assert [i for i, _ in cli.find_inputs(miccai)] == ["verse004"]
+    assert [i for i, _ in io.find_inputs(miccai)] == ["verse004"]
     assert [c.case_id for c in io.find_cases(miccai)] == ["verse004"]
     assert io.find_cases(folder) == []  # CTs ending in a digit alone are no data set
 

@@ -7,9 +7,10 @@ import threading
 import jax
 import pytest
 
-from verse_jax import batch_predict, bundle, cli, io
-from verse_jax.batch_predict import Shard, parse_shard, read_ahead
+from verse_jax import cli, io, testing
 from verse_jax.cli import main
+from verse_jax.infer import batch as batch_predict
+from verse_jax.infer.batch import Shard, parse_shard, read_ahead
 
 GRIDS = {
     "spine": {"spacing_mm": 16.0, "crop_size": (16, 16, 32), "smoothing_mm": 3.0},
@@ -21,7 +22,7 @@ GRIDS = {
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "bundle"
-    return bundle.random_bundle(path, grids=GRIDS, seed=2, network_kwargs={"conv_impl": "lax"})
+    return testing.random_bundle(path, grids=GRIDS, seed=2, network_kwargs={"conv_impl": "lax"})
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_two_shards_predict_every_case_exactly_once(model, folder, tmp_path, pre
     assert main([*base, "--shard", "0/2"]) == 0
     assert "predicted 2 of 2 cases (shard 0/2 of 3 cases)" in capsys.readouterr().out
     assert main([*base, "--shard", "1/2"]) == 0
-    ids = sorted(cli.case_id_from_path(p) for p in folder.iterdir())
+    ids = sorted(io.case_id_from_path(p) for p in folder.iterdir())
     assert predicted == [ids[0], ids[2], ids[1]]
     for case_id in ids:
         assert (out / f"{case_id}_seg.nii.gz").is_file() and (out / f"{case_id}_ctd.json").is_file()
@@ -126,7 +127,7 @@ def test_jax_processes_split_the_cases(model, folder, tmp_path, predicted, monke
     assert main([*base, "--shard", "0/2"]) == 2  # the processes already split the cases
     assert "pass either --shard or --distributed" in capsys.readouterr().err
     assert main([*base, "--distributed"]) == 0
-    ids = sorted(cli.case_id_from_path(p) for p in folder.iterdir())
+    ids = sorted(io.case_id_from_path(p) for p in folder.iterdir())
     assert initialised == [True] and predicted == [ids[1]]
     assert (out / "statistics-shard1of2.csv").is_file()
     assert sorted(p.name for p in out.glob("*_seg.nii.gz")) == [f"{ids[1]}_seg.nii.gz"]

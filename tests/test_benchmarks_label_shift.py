@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from verse_jax import bundle, io
+from verse_jax import io, testing
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 GRIDS = {
@@ -48,7 +48,7 @@ def test_mislabelled_rates_and_threshold():
 
 
 def test_tiny_run_writes_consistent_rates(tmp_path):
-    path = bundle.random_bundle(
+    path = testing.random_bundle(
         tmp_path / "b", grids=GRIDS, seed=1, network_kwargs={"conv_impl": "lax"}
     )
     out = tmp_path / "calibration.json"

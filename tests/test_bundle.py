@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from verse_jax import bundle
+from verse_jax import stages, testing
+from verse_jax.infer import bundle
+from verse_jax.models import registry
 
 LAX = {"conv_impl": "lax"}
 GRIDS = {
@@ -20,7 +22,7 @@ GRIDS = {
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
-    return bundle.random_bundle(
+    return testing.random_bundle(
         tmp_path_factory.mktemp("b") / "bundle", grids=GRIDS, seed=3, network_kwargs=LAX
     )
 
@@ -39,7 +41,7 @@ def _edit_json(path, **changes):
 
 def test_round_trip(tiny_bundle, tmp_path):
     loaded = bundle.load_bundle(tiny_bundle)
-    assert loaded.scn.grid == bundle.StageGrid(4.0, (12, 12, 16), 0.75)
+    assert loaded.scn.grid == stages.StageGrid(4.0, (12, 12, 16), 0.75)
     assert loaded.seg.input_channels == 2 and loaded.spine.input_channels == 1
     assert loaded.scn.num_landmarks == 25
     np.testing.assert_array_equal(loaded.scn.sigmas, np.full(25, 4.0, np.float32))
@@ -119,7 +121,7 @@ def test_sigmas_and_stage_roles(tiny_bundle, tmp_path):
 
 def test_export_rejects_bad_params(tmp_path):
     model = bundle.build_model("spine_localization_net", {"preset": "tiny"})
-    params = bundle.random_params(bundle.abstract_params(model, (8, 8, 8), 1), seed=0)
+    params = testing.random_params(registry.abstract_params(model, (8, 8, 8), 1), seed=0)
     with pytest.raises(bundle.BundleError, match="do not match"):
         bundle.export_stage(
             tmp_path / "s",

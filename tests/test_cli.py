@@ -7,8 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from verse_jax import bundle, io, labels, probabilities
+from verse_jax import io, labels, testing
 from verse_jax.cli import main
+from verse_jax.infer import bundle
+from verse_jax.io import probabilities
 
 GRIDS = {
     "spine": {"spacing_mm": 16.0, "crop_size": (16, 16, 32), "smoothing_mm": 3.0},
@@ -20,7 +22,7 @@ GRIDS = {
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "bundle"
-    return bundle.random_bundle(path, grids=GRIDS, seed=2, network_kwargs={"conv_impl": "lax"})
+    return testing.random_bundle(path, grids=GRIDS, seed=2, network_kwargs={"conv_impl": "lax"})
 
 
 @pytest.fixture(scope="module")

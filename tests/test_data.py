@@ -8,9 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from verse_jax import data, io, preprocessing, samples, stage_cache, stages
-from verse_jax.augmentation import AugmentRanges
+from verse_jax import io, preprocessing, stages
+from verse_jax.data import cache as stage_cache
+from verse_jax.data import pipeline as data_pipeline
+from verse_jax.data import samples
+from verse_jax.data.augmentation import AugmentRanges
 from verse_jax.geometry import Geometry, Volume
+from verse_jax.io import datasets
 
 LABELS = (20, 21, 22, 23)  # L1-L4
 RANGES = AugmentRanges(translation_mm=4.0, displacement_mm=3.0)
@@ -61,7 +65,7 @@ def cache_dir(tmp_path_factory):
 
 
 def _train(root, cache, name, *, seed=0, workers=0, batch=2):
-    return data.make_train_dataset(
+    return data_pipeline.make_train_dataset(
         root,
         ["case0", "case1", "case2"],
         SPECS[name],
@@ -114,19 +118,19 @@ def test_stage_cache_contents(dataset_root, cache_dir):
 
 
 def test_select_case_ids(dataset_root):
-    assert data.select_case_ids(dataset_root) == [f"case{i}" for i in range(4)]
-    assert data.select_case_ids(dataset_root, split="val") == ["case3"]
-    train = data.select_case_ids(dataset_root, split="train")
+    assert datasets.select_case_ids(dataset_root) == [f"case{i}" for i in range(4)]
+    assert datasets.select_case_ids(dataset_root, split="val") == ["case3"]
+    train = datasets.select_case_ids(dataset_root, split="train")
     held_out = [
-        data.select_case_ids(dataset_root, split="train", fold=f, part="val") for f in range(3)
+        datasets.select_case_ids(dataset_root, split="train", fold=f, part="val") for f in range(3)
     ]
     assert sorted(sum(held_out, [])) == train
     for fold in range(3):
-        fold_train = data.select_case_ids(dataset_root, split="train", fold=fold)
+        fold_train = datasets.select_case_ids(dataset_root, split="train", fold=fold)
         assert sorted(fold_train + held_out[fold]) == train
-    assert data.select_case_ids(dataset_root, split="train", fold="all", part="val") == []
+    assert datasets.select_case_ids(dataset_root, split="train", fold="all", part="val") == []
     with pytest.raises(ValueError, match="fold"):
-        data.select_case_ids(dataset_root, fold=3)
+        datasets.select_case_ids(dataset_root, fold=3)
 
 
 def test_fixed_fold_file(dataset_root, tmp_path):
@@ -136,7 +140,7 @@ def test_fixed_fold_file(dataset_root, tmp_path):
     }
     path = tmp_path / "folds.json"
     path.write_text(json.dumps(folds))
-    select = lambda fold, part: data.select_case_ids(
+    select = lambda fold, part: datasets.select_case_ids(
         dataset_root, split="train", fold=fold, part=part, fold_file=path
     )
     assert select(0, "train") == ["case0", "case2"] and select(0, "val") == ["case1"]
@@ -206,7 +210,7 @@ def test_process_shards_interleave_to_the_single_process_sequence(dataset_root, 
     single = _take(_train(dataset_root, cache_dir, "spine", seed=6, batch=1), 6)
     shards = []
     for index in range(2):
-        dataset = data.make_train_dataset(
+        dataset = data_pipeline.make_train_dataset(
             dataset_root,
             ["case0", "case1", "case2"],
             SPECS["spine"],
@@ -240,7 +244,9 @@ def test_eval_dataset_is_identity_and_padded(dataset_root, cache_dir):
     shape = np.array(cached.image.shape)
     spec = dataclasses.replace(SPECS["spine"], crop_size=tuple(shape - 2))  # centred, 1 voxel off
     batches = list(
-        data.make_eval_dataset(dataset_root, ["case3"], spec, cache_dir=cache_dir, batch_size=2)
+        data_pipeline.make_eval_dataset(
+            dataset_root, ["case3"], spec, cache_dir=cache_dir, batch_size=2
+        )
     )
     assert len(batches) == 1 and batches[0]["example_mask"].tolist() == [True, False]
     batch = jax.tree.map(np.asarray, jax.jit(samples.make_device_transform(spec))(batches[0]))

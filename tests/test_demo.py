@@ -1,21 +1,18 @@
 """The shipped demo model, `verse-jax demo` and `verse-jax predict` without --model."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from verse_jax import bundle, demo, io, metrics, phantoms, pipeline, stages
+from experiments import trainer
+from experiments.configs import scn, seg, spine
+from verse_jax import demo, io, metrics, phantoms, stages, testing
 from verse_jax.cli import main
+from verse_jax.infer import bundle, predict
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from experiments import common  # noqa: E402
-from experiments.configs import scn, seg, spine  # noqa: E402
 
 GRIDS = {  # as tests/test_cli.py: the compiled tiny networks are shared within a session
     "spine": {"spacing_mm": 16.0, "crop_size": (16, 16, 32), "smoothing_mm": 3.0},
@@ -27,7 +24,7 @@ UNTRAINED = "UNTRAINED placeholder"
 
 
 def _tiny(path, trained):
-    return bundle.random_bundle(
+    return testing.random_bundle(
         path, grids=GRIDS, seed=2, network_kwargs={"conv_impl": "lax"}, extra={"trained": trained}
     )
 
@@ -110,13 +107,13 @@ def test_shipped_bundle_matches_the_demo_presets():
     for name, module in {"spine": spine, "scn": scn, "seg": seg}.items():
         config = module.get_config("demo")
         stage = getattr(model, name)
-        grid = common.stage_grid(config)
-        assert stage.grid == bundle.StageGrid(
+        grid = trainer.stage_grid(config)
+        assert stage.grid == stages.StageGrid(
             grid["spacing_mm"], tuple(grid["crop_size"]), grid["smoothing_mm"]
         )
         # the shipped bundle may predate a training-only change of the presets (README, Demo)
         predicted = stages.prediction_definition(stage.spec)
-        assert predicted == stages.prediction_definition(common.stage_spec(config))
+        assert predicted == stages.prediction_definition(trainer.stage_spec(config))
         assert stage.factory_kwargs["preset"] == config.model.preset
         assert stage.num_landmarks == config.data.num_landmarks
         assert (
@@ -183,7 +180,7 @@ def test_shipped_bundle_identifies_vertebrae_of_fresh_phantoms():
     for seed in _fresh_seeds():
         phantom = phantoms.generate_phantom(seed)
         image = type(phantom.image)(phantom.image.array.astype(np.float32), phantom.image.geometry)
-        centroids, _ = pipeline.predict_case(image, model)
+        centroids, _ = predict.predict_case(image, model)
         result = metrics.localization_metrics(centroids, phantom.centroids)
         hits, total = hits + result.hits, total + result.num_gt
     assert hits / total >= 0.9, f"{hits} of {total} vertebrae identified"

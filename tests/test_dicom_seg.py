@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from verse_jax import bundle, io, label_confidence, phantoms, pipeline, postprocessing
+from verse_jax import io, phantoms, stages
 from verse_jax.cli import main
 from verse_jax.geometry import Geometry, Volume
+from verse_jax.infer import confidence as label_confidence
+from verse_jax.infer import inputs, predict
+from verse_jax.infer import sequence as sequence_lib
 from verse_jax.labels import vertebra_name
 
 highdicom = pytest.importorskip("highdicom")
@@ -104,7 +107,7 @@ def test_cli_writes_the_seg_for_a_dicom_series(phantom, tmp_path, monkeypatch, c
 
     def fake_prediction(image, model, **kwargs):  # the truth, to test the plumbing only
         k = len(phantom.centroids.labels)
-        sequence = postprocessing.LandmarkSequence(
+        sequence = sequence_lib.LandmarkSequence(
             np.zeros(k, np.int64),
             np.ones(k, bool),
             phantom.centroids.points_mm,
@@ -114,17 +117,17 @@ def test_cli_writes_the_seg_for_a_dicom_series(phantom, tmp_path, monkeypatch, c
             "sequence",
         )
         confidence = label_confidence.LabelConfidence((), 0.0, (), math.nan, 0.15, True, "test")
-        return pipeline.CasePrediction(
+        return predict.CasePrediction(
             phantom.centroids, mask, np.ones(k), None, sequence, confidence, None
         )
 
-    monkeypatch.setattr(pipeline, "predict_case_details", fake_prediction)
-    monkeypatch.setattr(pipeline, "prepare_case", lambda image, model: None)
+    monkeypatch.setattr(predict, "predict_case_details", fake_prediction)
+    monkeypatch.setattr(inputs, "prepare_case", lambda image, model: None)
     # the CLI reads only the SCN window length of the bundle before predict_case_details
     fake_bundle = types.SimpleNamespace(
-        scn=types.SimpleNamespace(grid=bundle.StageGrid(4, (8, 8, 16), 1)), extra={}, path="m"
+        scn=types.SimpleNamespace(grid=stages.StageGrid(4, (8, 8, 16), 1)), extra={}, path="m"
     )
-    monkeypatch.setattr("verse_jax.bundle.load_bundle", lambda path: fake_bundle)
+    monkeypatch.setattr("verse_jax.infer.bundle.load_bundle", lambda path: fake_bundle)
     out = tmp_path / "out"
     args = ["predict", "-i", str(tmp_path / "series"), "-o", str(out), "--model", "m", "-q"]
     assert main([*args, "--output-type", "dicom-seg"]) == 0

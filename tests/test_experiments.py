@@ -13,14 +13,18 @@ import numpy as np
 import pytest
 from jax._src import compilation_cache as jax_compilation_cache  # reset_cache only
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from experiments import build_demo_bundle, common, train_scn, train_seg, train_spine  # noqa: E402
-from experiments.configs import scn, seg, spine  # noqa: E402
-from experiments.selection import Best, Selection, rank, rank_fn  # noqa: E402
-from verse_jax import bundle, checkpoint, phantoms, training  # noqa: E402
+from experiments import build_demo_bundle, common, train_scn, train_seg, train_spine, trainer
+from experiments.configs import scn, seg, spine
+from experiments.selection import Best, Selection, rank, rank_fn
+from verse_jax import (
+    phantoms,
+    testing,
+)
+from verse_jax.infer import bundle
+from verse_jax.train import (
+    checkpoint,
+    stage_losses,
+)
 
 SCRIPTS = {"spine": (train_spine, spine), "scn": (train_scn, scn), "seg": (train_seg, seg)}
 
@@ -30,6 +34,8 @@ _CACHE_OPTIONS = (
     "jax_persistent_cache_min_compile_time_secs",
     "jax_persistent_cache_min_entry_size_bytes",
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -139,10 +145,10 @@ SCORES = {2: 0.5, 4: 0.25, 6: float("nan")}  # scripted validation: step 2 is th
 
 def _scripted_stage(config):
     """The spine smoke stage with a validation that returns SCORES[step] (no model involved)."""
-    return common.Stage(
+    return trainer.Stage(
         factory="spine_localization_net",
         factory_kwargs={"preset": config.model.preset, "conv_impl": config.model.conv_impl},
-        make_loss=lambda apply: training.make_spine_loss(apply),
+        make_loss=lambda apply: stage_losses.make_spine_loss(apply),
         make_evaluate=lambda ctx: lambda state: {"score": SCORES[int(state.step)]},
         select=("score", "max"),
     )
@@ -151,7 +157,7 @@ def _scripted_stage(config):
 def test_best_export_and_checkpoint_survive_resume(phantom_root, tmp_path, caplog):
     """Best at step 2 of 6: `export` holds step 2 (also after a stop at 4 and a resume), orbax
     keeps checkpoint 2 beside the newest (max_to_keep 1), `export-last` holds step 6."""
-    caplog.set_level(logging.INFO, logger="verse_jax.training")  # cli tests quieten verse_jax
+    caplog.set_level(logging.INFO, logger="verse_jax.train.loop")  # cli tests quieten verse_jax
     config = _smoke_config("spine", phantom_root, num_steps=6, max_to_keep=1, log_every=2)
     straight = tmp_path / "straight"
     common.run(config, straight, _scripted_stage(config))
@@ -258,7 +264,7 @@ def test_command_line(phantom_root, tmp_path):
 def test_build_demo_bundle_from_finished_workdirs(tmp_path):
     """Finished workdirs are reused (no training); the bundle holds their best exports as
     float16, with the training figures in bundle.json."""
-    random = bundle.random_bundle(tmp_path / "random", num_landmarks=26)
+    random = testing.random_bundle(tmp_path / "random", num_landmarks=26)
     for offset, name in enumerate(bundle.STAGES):
         config = SCRIPTS[name][1].get_config("smoke")
         workdir = tmp_path / "runs" / f"{name}-smoke"
@@ -282,7 +288,7 @@ def test_build_demo_bundle_from_finished_workdirs(tmp_path):
         }.items():
             bundle.export_stage(
                 workdir / folder,
-                spec=common.stage_spec(config),
+                spec=trainer.stage_spec(config),
                 factory_kwargs=stage.factory_kwargs,
                 params=stage.params,
                 sigmas=stage.sigmas,
@@ -310,7 +316,7 @@ def test_build_demo_bundle_from_finished_workdirs(tmp_path):
         assert json.loads((out / name / "stage.json").read_text())["params_dtype"] == "float16"
         assert getattr(shipped, name).extra["step"] == 1
     # the shipped candidate rule is the config's (prediction only); the rest must match
-    assert shipped.scn.spec == common.stage_spec(SCRIPTS["scn"][1].get_config("smoke"))
+    assert shipped.scn.spec == trainer.stage_spec(SCRIPTS["scn"][1].get_config("smoke"))
     scn_export = tmp_path / "runs" / "scn-smoke" / "export"
     stage = bundle.load_stage(scn_export)
     shutil.rmtree(scn_export)

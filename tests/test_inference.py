@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from verse_jax.inference import (
+from benchmarks.inference_speed import whole_column
+from verse_jax.infer.sliding_window import (
     num_windows,
     sliding_window,
     sliding_window_cache_size,
-    whole_column,
     window_bucket_length,
 )
 

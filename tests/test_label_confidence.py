@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from verse_jax import label_confidence, postprocessing
+from verse_jax.infer import candidates, confidence
+from verse_jax.infer import sequence as sequence_lib
 
 Z_RANGE = (-500.0, 500.0)  # far from every point: no border override
 
@@ -23,12 +24,12 @@ def _candidates(num_landmarks, peaks):
         for slot, (position, value) in enumerate(found):
             values[k, slot], valid[k, slot] = value, True
             points[k, slot] = (0.0, 0.0, -30.0 * position)
-    return postprocessing.LandmarkCandidates(values, points, valid)
+    return candidates.LandmarkCandidates(values, points, valid)
 
 
 def _confidence(candidates, **kwargs):
-    sequence = postprocessing.select_landmark_sequence(*candidates, Z_RANGE)
-    return sequence, label_confidence.label_confidence(candidates, sequence, **kwargs)
+    sequence = sequence_lib.select_landmark_sequence(*candidates, Z_RANGE)
+    return sequence, confidence.label_confidence(candidates, sequence, **kwargs)
 
 
 def test_confident_labelling_has_no_admissible_alternative():
@@ -67,7 +68,7 @@ def test_t13_insertion_with_26_landmarks():
     peaks = {17: [(0, 0.9)], 18: [(1, 0.9)], 19: [(2, 0.9), (3, 0.8)], 20: [(3, 0.9), (4, 0.8)]}
     peaks[21] = [(4, 0.9)]
     # T13's peak (0.2) is below the run threshold, so the selection leaves it out of the chain
-    # (postprocessing.anatomical_order); the insertion hypothesis still scores it.
+    # (sequence_lib.anatomical_order); the insertion hypothesis still scores it.
     peaks[25] = [(2, 0.2)]
     sequence, result = _confidence(_candidates(26, peaks), threshold=0.2)
     assert result.labels == (18, 19, 20, 21, 22)

@@ -5,7 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from verse_jax.losses import heatmap_l2, sigma_regularizer, sigmoid_cross_entropy, weight_decay
+from verse_jax.train.losses import (
+    heatmap_l2,
+    sigma_regularizer,
+    sigmoid_cross_entropy,
+    weight_decay,
+)
 
 
 def test_heatmap_l2_is_half_the_sum_of_squares():

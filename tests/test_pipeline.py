@@ -9,20 +9,14 @@ import numpy as np
 import pytest
 from jax import lax
 
-from verse_jax import (
-    bundle,
-    inference,
-    metrics,
-    models,
-    phantoms,
-    pipeline,
-    postprocessing,
-    preprocessing,
-    samples,
-    stages,
-)
-from verse_jax.bundle import StageGrid
+from verse_jax import metrics, models, phantoms, preprocessing, stages, testing
+from verse_jax.data import samples
 from verse_jax.geometry import Geometry, Volume
+from verse_jax.infer import bundle, candidates, fusion, inputs, predict
+from verse_jax.infer import sliding_window as windows
+from verse_jax.models import registry
+from verse_jax.models.registry import StageNetwork
+from verse_jax.stages import StageGrid
 
 GRIDS = {
     "spine": {"spacing_mm": 16.0, "crop_size": (16, 16, 32), "smoothing_mm": 3.0},
@@ -34,7 +28,7 @@ GRIDS = {
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("bundle") / "tiny"
-    bundle.random_bundle(path, grids=GRIDS, seed=1, network_kwargs={"conv_impl": "lax"})
+    testing.random_bundle(path, grids=GRIDS, seed=1, network_kwargs={"conv_impl": "lax"})
     return bundle.load_bundle(path)
 
 
@@ -47,7 +41,7 @@ def _phantom(orientation, seed=0):
 @pytest.mark.parametrize("orientation", ["RAS", "PIR", "oblique"])
 def test_predict_case_keeps_input_geometry(tiny, orientation):
     image = _phantom(orientation).image
-    centroids, mask = pipeline.predict_case(image, tiny, overlap_z=8, seg_batch_size=4)
+    centroids, mask = predict.predict_case(image, tiny, overlap_z=8, seg_batch_size=4)
     assert mask.geometry == image.geometry  # size, spacing, origin, direction: exactly
     assert mask.array.shape == image.array.shape and mask.array.dtype == np.uint16
     assert len(centroids.labels) > 0
@@ -57,8 +51,8 @@ def test_predict_case_keeps_input_geometry(tiny, orientation):
 
 def test_predict_case_details_adds_values_confidence_and_probabilities(tiny):
     image = _phantom("PIR").image
-    centroids, mask = pipeline.predict_case(image, tiny, overlap_z=8, seg_batch_size=4)
-    result = pipeline.predict_case_details(
+    centroids, mask = predict.predict_case(image, tiny, overlap_z=8, seg_batch_size=4)
+    result = predict.predict_case_details(
         image, tiny, overlap_z=8, seg_batch_size=4, keep_probabilities=True
     )
     np.testing.assert_array_equal(result.mask.array, mask.array)  # low probabilities kept: same
@@ -80,7 +74,7 @@ def test_predict_case_details_adds_values_confidence_and_probabilities(tiny):
 def test_stage_volumes_equal_to_stage_grid():
     image = _phantom("oblique").image
     grids = {"a": StageGrid(8.0, (8, 8, 8), 0.75), "b": StageGrid(5.0, (8, 8, 8), 0.75)}
-    volumes = pipeline.stage_volumes(image, grids)
+    volumes = inputs.stage_volumes(image, grids)
     for name, grid in grids.items():
         expected = preprocessing.to_stage_grid(
             image, spacing_mm=grid.spacing_mm, smoothing_mm=grid.smoothing_mm
@@ -92,7 +86,7 @@ def test_stage_volumes_equal_to_stage_grid():
 def test_cut_box_pads_and_keeps_physical_positions():
     grid = Geometry((4, 3, 2), (2.0, 2.0, 2.0), (10.0, 20.0, 30.0))
     volume = Volume(np.arange(24, dtype=np.float32).reshape(4, 3, 2), grid)
-    box = pipeline.cut_box(volume, (-1, 1, 0), (3, 3, 2), pad_value=-7.0)
+    box = fusion.cut_box(volume, (-1, 1, 0), (3, 3, 2), pad_value=-7.0)
     assert box.geometry == Geometry((3, 3, 2), (2.0, 2.0, 2.0), (8.0, 22.0, 30.0))
     np.testing.assert_array_equal(box.array[0], -7.0)
     np.testing.assert_array_equal(box.array[1:, :2], volume.array[:2, 1:])
@@ -107,9 +101,9 @@ def test_fuse_equals_resampling_the_whole_crop():
     angle = 0.3
     direction = (np.cos(angle), -np.sin(angle), 0, np.sin(angle), np.cos(angle), 0, 0, 0, 1)
     target = Geometry((15, 14, 9), (0.7, 0.8, 1.1), (-5.0, -3.0, -1.0), direction)
-    fast = postprocessing.LabelFusion(target.size)
-    pipeline._fuse(fast, crop, 5, target)
-    dense = postprocessing.LabelFusion(target.size)
+    fast = fusion.LabelFusion(target.size)
+    fusion.fuse_crop(fast, crop, 5, target)
+    dense = fusion.LabelFusion(target.size)
     dense.add(5, preprocessing.resample(crop, target, default_value=0.0).array)
     np.testing.assert_array_equal(fast.best_label, dense.best_label)
     np.testing.assert_array_equal(fast.best_prob, dense.best_prob)
@@ -124,13 +118,13 @@ def _with_output(stage, bias):
 
 def test_predict_spine_centre_of_mass_and_no_spine(tiny):
     image = _phantom("RAS").image
-    volume = pipeline.stage_volumes(image, {"spine": tiny.spine.grid})["spine"]
+    volume = inputs.stage_volumes(image, {"spine": tiny.spine.grid})["spine"]
     flat = _with_output(tiny.spine, jnp.ones((1,)))  # constant heatmap: centre of the data
-    spine_mm = pipeline.predict_spine(volume, flat)
+    spine_mm = predict.predict_spine(volume, flat)
     center = volume.geometry.index_to_physical((np.asarray(volume.geometry.size) - 1) / 2)
     np.testing.assert_allclose(spine_mm, center, atol=volume.geometry.spacing_mm[0] / 2 + 1e-6)
-    with pytest.raises(pipeline.NoSpineFoundError, match="no spine found"):
-        pipeline.predict_spine(volume, _with_output(tiny.spine, -jnp.ones((1,))))
+    with pytest.raises(predict.NoSpineFoundError, match="no spine found"):
+        predict.predict_spine(volume, _with_output(tiny.spine, -jnp.ones((1,))))
 
 
 class _Shifted(nn.Module):
@@ -143,9 +137,9 @@ class _Shifted(nn.Module):
 
 def test_predict_spine_uses_the_signed_heatmap(tiny):
     image = _phantom("oblique").image
-    volume = pipeline.stage_volumes(image, {"spine": tiny.spine.grid})["spine"]
+    volume = inputs.stage_volumes(image, {"spine": tiny.spine.grid})["spine"]
     stage = dataclasses.replace(tiny.spine, model=_Shifted(), params={})
-    spine_mm = pipeline.predict_spine(volume, stage)
+    spine_mm = predict.predict_spine(volume, stage)
     spec = tiny.spine.spec
     center = stages.crop_center_vox(spec, volume.geometry.size)
     x, origin = samples.prediction_input(volume.array, spec, center)
@@ -165,7 +159,7 @@ def test_predict_spine_uses_the_signed_heatmap(tiny):
 def test_check_ct_rejects_masks():
     mask = _phantom("RAS").mask
     with pytest.raises(ValueError, match="mask.nii.gz: does not look like a CT"):
-        pipeline.check_ct(mask, "mask.nii.gz")
+        inputs.check_ct(mask, "mask.nii.gz")
 
 
 def test_repeated_cases_do_not_recompile(tiny):
@@ -173,16 +167,16 @@ def test_repeated_cases_do_not_recompile(tiny):
 
     def cache_sizes():
         return (
-            bundle._jitted_apply(tiny.spine.model, None)._cache_size(),
-            bundle._jitted_apply(tiny.seg.model, "sigmoid")._cache_size(),
+            registry._jitted_apply(tiny.spine.model, None)._cache_size(),
+            registry._jitted_apply(tiny.seg.model, "sigmoid")._cache_size(),
             samples._jitted_network_input.cache_info().currsize,
-            inference.sliding_window_cache_size(),
-            postprocessing._find_per_channel._cache_size(),
+            windows.sliding_window_cache_size(),
+            candidates._find_per_channel._cache_size(),
         )
 
-    first = pipeline.predict_case(image, tiny, overlap_z=8, seg_batch_size=4)
+    first = predict.predict_case(image, tiny, overlap_z=8, seg_batch_size=4)
     sizes = cache_sizes()
-    second = pipeline.predict_case(image, tiny, overlap_z=8, seg_batch_size=4)
+    second = predict.predict_case(image, tiny, overlap_z=8, seg_batch_size=4)
     assert cache_sizes() == sizes
     np.testing.assert_array_equal(first[1].array, second[1].array)
     np.testing.assert_array_equal(first[0].points_mm, second[0].points_mm)
@@ -235,15 +229,7 @@ LEVELS_HU = (300.0, 450.0, 600.0, 750.0, 900.0)
 def _oracle_stage(kind, grid, channels):
     spec = stages.with_grid(kind, dataclasses.asdict(grid))
     assert spec.input_channels == channels
-    return bundle.StageModel(
-        spec=spec,
-        model=_Oracle(kind),
-        params={},
-        factory="oracle",
-        factory_kwargs={},
-        sigmas=None,
-        extra={},
-    )
+    return StageNetwork(spec=spec, model=_Oracle(kind), params={})
 
 
 def test_predict_case_with_oracle_networks_finds_the_truth():
@@ -260,12 +246,12 @@ def test_predict_case_with_oracle_networks_finds_the_truth():
     for k, point in enumerate(truth):
         inside = np.sum((points - point) ** 2, axis=-1) <= 9.0**2
         image[inside], labels[inside] = LEVELS_HU[k], 18 + k
-    oracle = bundle.Bundle(
+    oracle = predict.Networks(
         spine=_oracle_stage("spine", StageGrid(8.0, (16, 16, 32), 3.0), 1),
         scn=_oracle_stage("scn", StageGrid(4.0, (16, 16, 32), 0.75), 1),
         seg=_oracle_stage("seg", StageGrid(2.0, (32, 32, 24), 0.75), 2),
     )
-    centroids, mask = pipeline.predict_case(Volume(image.astype(np.int16), grid), oracle)
+    centroids, mask = predict.predict_case(Volume(image.astype(np.int16), grid), oracle)
     assert centroids.labels.tolist() == [18, 19, 20, 21, 22]
     np.testing.assert_allclose(centroids.points_mm, truth, atol=2.0)
     assert mask.geometry == grid

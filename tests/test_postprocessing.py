@@ -4,14 +4,12 @@ import numpy as np
 import pytest
 
 from verse_jax.geometry import Geometry
-from verse_jax.postprocessing import (
-    LabelFusion,
+from verse_jax.infer.candidates import column_z_range_mm, landmark_candidates
+from verse_jax.infer.fusion import LabelFusion, largest_component
+from verse_jax.infer.sequence import (
     anatomical_order,
     best_sequence_brute_force,
     best_sequence_dp,
-    column_z_range_mm,
-    landmark_candidates,
-    largest_component,
     select_landmark_sequence,
 )
 

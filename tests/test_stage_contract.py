@@ -16,8 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from verse_jax import bundle, io, phantoms, pipeline, samples, stage_cache, stages
+from verse_jax import io, phantoms, stages, testing
+from verse_jax.data import cache as stage_cache
+from verse_jax.data import samples
 from verse_jax.geometry import Geometry, Volume
+from verse_jax.infer import bundle, inputs, predict
+from verse_jax.models import registry
 
 SPECS = {
     "spine": stages.StageSpec("spine", 8.0, (16, 16, 32), 3.0, num_landmarks=26),
@@ -77,13 +81,13 @@ def test_training_sample_equals_prediction_input(cases, tmp_path, name, index):
     case = all_cases[index]
     spec = SPECS[name]
     image, points_mm, valid = _truth_mm(case, spec)
-    volume = pipeline.stage_volumes(image, {name: spec})[name]
+    volume = inputs.stage_volumes(image, {name: spec})[name]
     shape = volume.geometry.size
     if name == "spine":
         cached, batch = _training_sample(case, spec, tmp_path)
         center = stages.crop_center_vox(spec, shape)
         x, origin = samples.prediction_input(volume.array, spec, center)
-        geometry = pipeline._crop_geometry(volume, origin, spec.crop_size)
+        geometry = predict._crop_geometry(volume, origin, spec.crop_size)
         _assert_landmarks_in_frame(batch, geometry, points_mm, valid)
     elif name == "scn":
         # The column's windows start at whole slices; the evaluation slab is centred, so its
@@ -99,7 +103,7 @@ def test_training_sample_equals_prediction_input(cases, tmp_path, name, index):
         assert origin[2] == 0.0
         first = (shape[2] - crop_z) // 2
         x = column[:, :, first : first + crop_z]
-        geometry = pipeline._crop_geometry(volume, origin + (0, 0, first), spec.crop_size)
+        geometry = predict._crop_geometry(volume, origin + (0, 0, first), spec.crop_size)
         _assert_landmarks_in_frame(batch, geometry, points_mm, valid)
         assert batch["mask"].shape == (*spec.crop_size, 1)
     else:
@@ -108,7 +112,7 @@ def test_training_sample_equals_prediction_input(cases, tmp_path, name, index):
         point = volume.geometry.physical_to_index(points_mm[k])
         center = stages.crop_center_vox(spec, shape, centroid_vox=point)
         x, origin = samples.prediction_input(volume.array, spec, center, centroid_vox=point)
-        geometry = pipeline._crop_geometry(volume, origin, spec.crop_size)
+        geometry = predict._crop_geometry(volume, origin, spec.crop_size)
         peak = np.unravel_index(np.argmax(batch["image"][..., 1]), spec.crop_size)
         peak_mm = geometry.index_to_physical(np.asarray(peak, np.float64))
         assert np.linalg.norm(peak_mm - points_mm[k]) < spec.spacing_mm
@@ -142,7 +146,7 @@ class _SegOracle(nn.Module):
 def _seg_export(tmp_path, spec):
     """A seg export of ``spec`` whose network is replaced by the oracle after loading."""
     model = bundle.build_model(spec.factory, {"preset": "tiny", "conv_impl": "lax"})
-    params = bundle.random_params(bundle.abstract_params(model, spec.crop_size, 2), seed=0)
+    params = testing.random_params(registry.abstract_params(model, spec.crop_size, 2), seed=0)
     path = bundle.export_stage(
         tmp_path / "seg", spec=spec, factory_kwargs={"preset": "tiny", "conv_impl": "lax"},
         params=params,
@@ -161,7 +165,7 @@ def test_non_default_definition_is_exported_and_applied(tmp_path):
 
     def segment(stage):
         stage = dataclasses.replace(stage, model=_SegOracle(spec), params={})
-        labels = pipeline.predict_segmentation(volume, centroid, [True], stage, grid)
+        labels = predict.predict_segmentation(volume, centroid, [True], stage, grid)
         return np.argwhere(labels == 1)
 
     found = segment(loaded)
@@ -228,7 +232,7 @@ def test_window_pad_value_is_part_of_the_definition():
 
 @pytest.mark.parametrize("pad", [-0.5, -1.0])
 def test_short_scn_column_is_padded_with_the_definition_value(pad, monkeypatch):
-    from verse_jax import inference
+    from verse_jax.infer import sliding_window as windows
 
     seen = {}
 
@@ -236,12 +240,12 @@ def test_short_scn_column_is_padded_with_the_definition_value(pad, monkeypatch):
         seen["pad"] = pad_value
         return jnp.zeros((*column.shape[:3], SPECS["scn"].num_landmarks))
 
-    monkeypatch.setattr(inference, "sliding_window", fake_sliding_window)
+    monkeypatch.setattr(windows, "sliding_window", fake_sliding_window)
     spec = dataclasses.replace(SPECS["scn"], window_pad_value=pad)
     stage = types.SimpleNamespace(spec=spec, apply_partial=lambda kind: None)
     geometry = Geometry((20, 20, 6), (spec.spacing_mm,) * 3, (0.0, 0.0, 0.0))
     volume = Volume(np.zeros(geometry.size, np.float32), geometry)
-    pipeline.predict_landmark_sequence(volume, np.zeros(3), stage)
+    predict.predict_landmark_sequence(volume, np.zeros(3), stage)
     assert seen["pad"] == pad
 
 
@@ -250,7 +254,7 @@ def test_segmentation_target_smooths_every_label_then_takes_the_argmax():
     # the reference's skimage call), argmax, the vertebra's channel
     from scipy import ndimage
 
-    from verse_jax import samples
+    from verse_jax.data import samples
 
     rng = np.random.default_rng(0)
     labels = np.zeros((20, 22, 24), np.int32)

@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from verse_jax import phantoms, statistics
+from verse_jax import phantoms
 from verse_jax.geometry import Geometry, Volume
+from verse_jax.infer import statistics
 from verse_jax.io import Centroids
 
 

@@ -14,8 +14,11 @@ import numpy as np
 import optax
 import pytest
 
-from verse_jax import checkpoint, heatmaps, losses, training
+from verse_jax import heatmaps
 from verse_jax.models import SCNOutput
+from verse_jax.train import checkpoint, losses, sharding, stage_losses
+from verse_jax.train import loop as train_loop
+from verse_jax.train import state as train_state
 
 
 def _toy_loss(params, sigmas, batch, rng):
@@ -34,18 +37,17 @@ def _toy_dataset():
 
 def _toy_run(workdir, num_steps, *, checkpoint_every=2, log_every=1, bad_step=None):
     """Trains the toy model to `num_steps`, resuming from `workdir` when it holds a checkpoint."""
-    optimizer = optax.adam(training.piecewise_constant_tf(0.1, (2,), (0.5,)))
-    mesh = training.make_mesh()
-    init = lambda: training.TrainState.create({"w": jnp.ones((3, 2))}, optimizer, jnp.ones(2))
+    optimizer = optax.adam(train_state.piecewise_constant_tf(0.1, (2,), (0.5,)))
+    mesh = sharding.make_mesh()
+    init = lambda: train_state.TrainState.create({"w": jnp.ones((3, 2))}, optimizer, jnp.ones(2))
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
     it = iter(_toy_dataset())
     if ckpt.latest_step() is not None:
-        state, data_state = ckpt.restore(training.abstract_like(jax.eval_shape(init), mesh))
-        it.set_state(data_state)
+        state = ckpt.restore(sharding.abstract_like(jax.eval_shape(init), mesh), it)
     else:
-        state = training.replicate(init(), mesh)
-    step = jax.jit(training.make_train_step(_toy_loss, optimizer), donate_argnums=0)
-    writer = training.MetricWriter(
+        state = sharding.replicate(init(), mesh)
+    step = jax.jit(train_state.make_train_step(_toy_loss, optimizer), donate_argnums=0)
+    writer = train_loop.MetricWriter(
         workdir, total_steps=num_steps, start_step=int(state.step), progress=False
     )
 
@@ -53,17 +55,17 @@ def _toy_run(workdir, num_steps, *, checkpoint_every=2, log_every=1, bad_step=No
         for i, b in enumerate(it, start=int(state.step) + 1):
             if i == bad_step:
                 b = {**b, "x": np.full_like(b["x"], np.nan)}
-            yield training.shard_batch(b, mesh)
+            yield sharding.shard_batch(b, mesh)
 
     try:
-        return training.fit(
+        return train_loop.fit(
             state,
             step,
             batches(),
             rng=jax.random.key(0),
-            loop=training.LoopSchedule(num_steps, log_every, checkpoint_every=checkpoint_every),
+            loop=train_loop.LoopSchedule(num_steps, log_every, checkpoint_every=checkpoint_every),
             writer=writer,
-            save=lambda s: ckpt.save(s, it.get_state()),
+            save=lambda s: ckpt.save(s, it),
         )
     finally:
         writer.close()
@@ -71,11 +73,11 @@ def _toy_run(workdir, num_steps, *, checkpoint_every=2, log_every=1, bad_step=No
 
 
 def test_piecewise_schedule_switches_after_boundary_like_tf():
-    schedule = training.piecewise_constant_tf(1e-4, (10, 15), (0.5, 0.1))
+    schedule = train_state.piecewise_constant_tf(1e-4, (10, 15), (0.5, 0.1))
     lrs = np.asarray([schedule(s) for s in (0, 10, 11, 15, 16, 100)])
     np.testing.assert_allclose(lrs, [1e-4, 1e-4, 5e-5, 5e-5, 1e-5, 1e-5], rtol=1e-6)
     with pytest.raises(ValueError, match="one scale per boundary"):
-        training.piecewise_constant_tf(1.0, (10,), (0.5, 0.1))
+        train_state.piecewise_constant_tf(1.0, (10,), (0.5, 0.1))
 
 
 def test_resume_equals_uninterrupted_run_bitwise(tmp_path):
@@ -100,10 +102,10 @@ def test_nonfinite_loss_stops_and_names_the_step(tmp_path):
 
 
 def test_batch_size_must_split_over_devices():
-    mesh = training.make_mesh()
-    assert training.check_batch_size(mesh.size * 2, mesh) == mesh.size * 2
+    mesh = sharding.make_mesh()
+    assert sharding.check_batch_size(mesh.size * 2, mesh) == mesh.size * 2
     with pytest.raises(ValueError, match="multiple of the number of devices"):
-        training.check_batch_size(0, mesh)
+        sharding.check_batch_size(0, mesh)
 
 
 def _batch(stage, shape=(16, 16, 16), batch=1, num_landmarks=4):
@@ -127,14 +129,14 @@ def test_spine_and_seg_losses_are_the_documented_sums():
     params = {"conv": {"kernel": jnp.full((3, 3, 3, 1, 2), 0.5), "bias": jnp.ones(2)}}
     zeros = lambda variables, x, **kw: jnp.zeros((*x.shape[:4], 1))
     b = _batch("spine")
-    spine_loss = jax.jit(training.make_spine_loss(zeros, weight_decay=0.1))
+    spine_loss = jax.jit(stage_losses.make_spine_loss(zeros, weight_decay=0.1))
     loss, metrics = spine_loss(params, None, b, None)
     target = heatmaps.spine_heatmap(b["landmarks_vox"][0], b["valid"][0], (16, 16, 16))
     expected = 0.5 * jnp.sum(target**2) + 0.1 * 0.5 * 54 * 0.25
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     assert set(metrics) == {"loss_heatmap", "loss_reg"}
     b = _batch("seg")
-    loss, _ = jax.jit(training.make_seg_loss(zeros, weight_decay=0.0))(params, None, b, None)
+    loss, _ = jax.jit(stage_losses.make_seg_loss(zeros, weight_decay=0.0))(params, None, b, None)
     np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)
 
 
@@ -154,7 +156,7 @@ def test_scn_loss_builds_targets_from_sigmas_and_reaches_them():
     model = _ConvHeatmaps()
     b = _batch("scn")
     params = _init(model, b["image"])
-    loss_fn = training.make_scn_loss(model.apply)
+    loss_fn = stage_losses.make_scn_loss(model.apply)
     sigmas = jnp.full((4,), 4.0)
     grad = jax.jit(jax.grad(lambda s: loss_fn(params, s, b, jax.random.key(1))[0]))(sigmas)
     assert bool(jnp.all(jnp.isfinite(grad)))
@@ -162,7 +164,7 @@ def test_scn_loss_builds_targets_from_sigmas_and_reaches_them():
     assert float(grad[1]) == 0.0 and float(jnp.abs(grad[jnp.array([0, 2, 3])]).min()) > 0
     # With a zero prediction the data term is exactly the target energy; sigma term 100/2 * 3*16.
     zeros = lambda variables, x, **kw: SCNOutput(*(jnp.zeros((*x.shape[:4], 4)),) * 3)
-    loss, m = jax.jit(training.make_scn_loss(zeros, weight_decay=0.0))(params, sigmas, b, None)
+    loss, m = jax.jit(stage_losses.make_scn_loss(zeros, weight_decay=0.0))(params, sigmas, b, None)
     target = heatmaps.gaussian_heatmaps(b["landmarks_vox"][0], b["valid"][0], sigmas, (16,) * 3)
     np.testing.assert_allclose(m["loss_heatmap"], 0.5 * jnp.sum(target**2), rtol=1e-5)
     np.testing.assert_allclose(m["loss_sigmas"], losses.sigma_regularizer(sigmas, b["valid"][0]))
@@ -174,8 +176,8 @@ def test_train_step_is_pure_and_folds_the_step_into_the_rng():
     model = _ConvHeatmaps()
     b = _batch("scn")
     optimizer = optax.adam(1e-3)
-    step = jax.jit(training.make_train_step(training.make_scn_loss(model.apply), optimizer))
-    state = training.TrainState.create(_init(model, b["image"]), optimizer, jnp.full((4,), 4.0))
+    step = jax.jit(train_state.make_train_step(stage_losses.make_scn_loss(model.apply), optimizer))
+    state = train_state.TrainState.create(_init(model, b["image"]), optimizer, jnp.full((4,), 4.0))
     s1, m1 = step(state, b, jax.random.key(2))
     s1b, m1b = step(state, b, jax.random.key(2))
     assert int(s1.step) == 1 and float(m1["loss"]) == float(m1b["loss"])
@@ -188,7 +190,10 @@ def test_train_step_is_pure_and_folds_the_step_into_the_rng():
 _SHARDED = textwrap.dedent(
     """
     import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, optax
-    from verse_jax import training
+    from verse_jax.train import loop as train_loop
+    from verse_jax.train import sharding
+    from verse_jax.train import stage_losses
+    from verse_jax.train import state as train_state
     from verse_jax.models import SCNOutput
     assert jax.device_count() == 8
     class Net(nn.Module):
@@ -207,13 +212,13 @@ _SHARDED = textwrap.dedent(
     optimizer = optax.sgd(1e-6, momentum=0.9, nesterov=True)
     init = jax.jit(lambda k: model.init(k, batch["image"][:1], train=False))
     params = jax.device_get(init(jax.random.key(0))["params"])
-    step = training.make_train_step(training.make_scn_loss(model.apply), optimizer)
+    step = train_state.make_train_step(stage_losses.make_scn_loss(model.apply), optimizer)
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-        mesh = training.make_mesh(devices)
-        state = training.replicate(
-            training.TrainState.create(params, optimizer, np.full((4,), 4.0, np.float32)), mesh)
-        sharded = training.shard_batch(batch, mesh)
+        mesh = sharding.make_mesh(devices)
+        state = sharding.replicate(
+            train_state.TrainState.create(params, optimizer, np.full((4,), 4.0, np.float32)), mesh)
+        sharded = sharding.shard_batch(batch, mesh)
         assert len(sharded["image"].sharding.device_set) == len(devices)
         jitted = jax.jit(step, donate_argnums=0)
         for _ in range(2):
@@ -224,7 +229,7 @@ _SHARDED = textwrap.dedent(
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
     try:
-        training.check_batch_size(4, training.make_mesh())
+        sharding.check_batch_size(4, sharding.make_mesh())
     except ValueError as e:
         assert "multiple of the number of devices (8)" in str(e)
     else:
@@ -245,12 +250,12 @@ def test_sharded_step_matches_single_device():
 
 
 def test_metric_writer_drops_records_after_the_resume_step(tmp_path):
-    writer = training.MetricWriter(tmp_path, total_steps=4, progress=False)
+    writer = train_loop.MetricWriter(tmp_path, total_steps=4, progress=False)
     for s in (1, 2, 3):
         writer.write_train(s, {"loss": float(s)})
     writer.write_eval(3, {"id_rate": float("nan")})
     writer.close()
-    writer = training.MetricWriter(tmp_path, total_steps=4, start_step=2, progress=False)
+    writer = train_loop.MetricWriter(tmp_path, total_steps=4, start_step=2, progress=False)
     writer.write_train(3, {"loss": 30.0})
     writer.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

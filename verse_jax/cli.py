@@ -6,12 +6,9 @@ found before any case runs.
 """
 
 import argparse
-import csv
 import functools
-import io as text_io
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -19,93 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from verse_jax import batch_predict, io, metrics
+from verse_jax import io
+from verse_jax.infer import batch as batch_predict
 
 logger = logging.getLogger("verse_jax.cli")
-
-IMAGE_SUFFIXES = io.IMAGE_SUFFIXES
-_MASK_SUFFIXES = ("_seg", "_msk", "_mask")
 
 
 def _write(text: str) -> None:
     sys.stdout.write(text + "\n")
-
-
-def _strip_suffix(name: str) -> str | None:
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
-def case_id_from_path(path: Path) -> str:
-    """Case id of a CT file or DICOM folder: name without extension, ``sub-X_ct`` -> ``X``."""
-    stem = _strip_suffix(path.name) or path.name
-    if stem.startswith("sub-") and stem.endswith("_ct"):
-        stem = stem[4:-3]
-    return stem
-
-
-def _is_dicom_folder(folder: Path) -> bool:
-    """Whether ``folder`` holds a DICOM series (files named *.dcm, *.ima or without suffix)."""
-    import SimpleITK as sitk
-
-    names = [f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")]
-    if not any(f.suffix.lower() in (".dcm", ".ima", "") for f in names):
-        return False
-    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-
-
-def find_inputs(path: Path) -> list[tuple[str, Path]]:
-    """(case id, CT path) pairs of a file, a VerSe data set, or a folder of CTs / DICOM series.
-
-    Raises:
-        ValueError: ``path`` does not exist, or holds no CT.
-    """
-    if not path.exists():
-        raise ValueError(f"{path}: no such file or folder")
-    if path.is_file():
-        return [(case_id_from_path(path), path)]
-    if (path / "rawdata").is_dir():  # BIDS data set: its CTs, by their structure
-        cases = io.find_cases(path)
-        if cases:
-            return [(case.case_id, case.image_path) for case in cases]
-    found, skipped = _plain_folder_inputs(path)
-    if skipped:
-        logger.warning("%s: skipped (not CT inputs): %s", path, _names(skipped))
-    if not found:
-        raise ValueError(f"{path}: no CT files ({', '.join(IMAGE_SUFFIXES)}) or DICOM series")
-    ids = [case_id for case_id, _ in found]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
-    if duplicates:
-        raise ValueError(f"{path}: several inputs share the case ids {duplicates}")
-    return found
-
-
-def _plain_folder_inputs(path: Path) -> tuple[list[tuple[str, Path]], list[str]]:
-    """Every CT file of a folder and every DICOM series below it; names of what is skipped
-    (masks, other files, folders without a series); hidden entries are ignored."""
-    folders = [path, *sorted(p for p in path.rglob("*") if p.is_dir())]
-    dicom = [f for f in folders if not f.name.startswith(".") and _is_dicom_folder(f)]
-    found, skipped = [], []
-    for item in sorted(path.iterdir()):
-        stem = _strip_suffix(item.name)
-        if item.name.startswith("."):
-            continue
-        if item.is_dir():
-            if not any(d == item or item in d.parents for d in dicom):
-                skipped.append(item.name + "/")
-        elif stem is not None and not stem.endswith(_MASK_SUFFIXES):
-            found.append((case_id_from_path(item), item))
-        elif not (path in dicom and item.suffix.lower() in (".dcm", ".ima", "")):
-            skipped.append(item.name)
-    found += [(case_id_from_path(f), f) for f in dicom]
-    return found, skipped
-
-
-def _names(names: list[str], limit: int = 20) -> str:
-    more = f", and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 def _check_output_folder(path: Path) -> None:
@@ -166,26 +84,27 @@ def _check_overlap(overlap: int | None, window_z: int | None = None) -> None:
 
 
 def _read_case(case: tuple[str, Path], model):
-    """The CT and its stage volumes (``pipeline.prepare_case``); runs ahead in a thread."""
-    from verse_jax import pipeline
+    """The CT and its stage volumes (``inputs.prepare_case``); runs ahead in a thread."""
+    from verse_jax.infer import inputs
 
     ct_path = case[1]
     image = io.read_volume(ct_path)
-    pipeline.check_ct(image, str(ct_path))
-    return image, pipeline.prepare_case(image, model)
+    inputs.check_ct(image, str(ct_path))
+    return image, inputs.prepare_case(image, model)
 
 
 def _predict_one(case_id, ct_path, out_dir, model, args, prepared) -> dict:
-    from verse_jax import label_confidence, pipeline, preview
+    from verse_jax import preview
+    from verse_jax.infer import confidence, predict
 
     image, volumes = prepared
     margin = args.label_margin
-    result = pipeline.predict_case_details(
+    result = predict.predict_case_details(
         image,
         model,
         overlap_z=args.overlap,
         keep_probabilities=args.save_probabilities,
-        margin_threshold=label_confidence.DEFAULT_MARGIN_THRESHOLD if margin is None else margin,
+        margin_threshold=confidence.DEFAULT_MARGIN_THRESHOLD if margin is None else margin,
         volumes=volumes,
     )
     centroids, mask = result.centroids, result.mask
@@ -204,7 +123,8 @@ def _predict_one(case_id, ct_path, out_dir, model, args, prepared) -> dict:
 
 def _write_case_extras(case_id, ct_path, out_dir, image, result, args) -> dict:
     """Statistics JSON, probabilities and DICOM-SEG of one case; its CSV rows and confidence."""
-    from verse_jax import probabilities, statistics
+    from verse_jax.infer import statistics
+    from verse_jax.io import probabilities
 
     records = statistics.vertebra_statistics(
         image, result.mask, result.centroids, result.landmark_values
@@ -216,7 +136,7 @@ def _write_case_extras(case_id, ct_path, out_dir, image, result, args) -> dict:
     if args.output_type == "dicom-seg" and not np.any(result.mask.array):
         logger.warning("%s: empty mask, no DICOM-SEG written", case_id)
     elif args.output_type == "dicom-seg":
-        from verse_jax import dicom_seg
+        from verse_jax.io import dicom_seg
 
         datasets = dicom_seg.series_datasets(ct_path)
         dicom_seg.write_dicom_seg(out_dir / f"{case_id}_seg.dcm", result.mask, datasets)
@@ -228,7 +148,7 @@ def cmd_predict(args) -> int:
 
     _check_overlap(args.overlap)
     if args.output_type == "dicom-seg":
-        from verse_jax import dicom_seg
+        from verse_jax.io import dicom_seg
 
         if not dicom_seg.available():
             raise ValueError(
@@ -240,7 +160,7 @@ def cmd_predict(args) -> int:
     shard = batch_predict.run_shard(args.shard, args.distributed)
     model = _load_model(args.model)
     _check_overlap(args.overlap, model.scn.grid.crop_size[2])
-    all_inputs = find_inputs(Path(args.input))
+    all_inputs = io.find_inputs(Path(args.input))
     inputs = shard.select(all_inputs)
     not_dicom = [str(path) for _, path in inputs if not path.is_dir()]
     if args.output_type == "dicom-seg" and not_dicom:
@@ -269,7 +189,7 @@ def cmd_predict(args) -> int:
 
 def _write_summary(done: dict, path: Path) -> None:
     """statistics.csv (one row per vertebra of every case) and a line per uncertain labelling."""
-    from verse_jax import statistics
+    from verse_jax.infer import statistics
 
     rows = [row for case in done.values() for row in case["rows"]]
     io.write_text_atomic(path, statistics.format_csv(rows))
@@ -293,34 +213,6 @@ def cmd_labels(args) -> int:
     return 0
 
 
-_COLUMNS = ("case", "num_gt", "num_pred", "id_rate", "mean_distance_mm", "dice", "hausdorff_mm")
-_FAILED = {c: "" for c in _COLUMNS[1:]} | {"num_gt": "FAILED"}
-
-
-def _row(case: metrics.CaseMetrics) -> dict:
-    loc, seg = case.localization, case.segmentation
-    return {
-        "case": case.case_id,
-        "num_gt": loc.num_gt if loc else (seg.num_gt if seg else ""),
-        "num_pred": loc.num_pred if loc else (seg.num_pred if seg else ""),
-        "id_rate": loc.id_rate if loc else math.nan,
-        "mean_distance_mm": loc.mean_distance_mm if loc else math.nan,
-        "dice": seg.mean_dice if seg else math.nan,
-        "hausdorff_mm": seg.mean_hausdorff_mm if seg else math.nan,
-    }
-
-
-def _format_table(rows: list[dict]) -> str:
-    def cell(value):
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-    cells = [[cell(row[c]) for c in _COLUMNS] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(_COLUMNS)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(_COLUMNS, widths, strict=True))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(lines)
-
-
 def cmd_evaluate(args) -> int:
     from verse_jax import evaluation
 
@@ -333,28 +225,16 @@ def cmd_evaluate(args) -> int:
     _check_output_folder(out_dir)
     _refuse_existing([csv_path, json_path], args.overwrite)
     result = evaluation.evaluate_folder(pred_dir, gt_dir)
-    overall = result.overall
-    rows = [_row(case) for case in result.cases]
-    rows += [{"case": f.case_id, **_FAILED} for f in result.failures]
-    rows.sort(key=lambda row: row["case"])
-    total = {"case": "overall", "num_gt": overall.num_gt_vertebrae}
-    total |= {"num_pred": overall.num_pred_vertebrae, "id_rate": overall.id_rate}
-    total |= {"mean_distance_mm": overall.mean_distance_mm, "dice": overall.dice}
-    total |= {"hausdorff_mm": overall.hausdorff_mm}
-    _write(_format_table([*rows, total]))
+    rows = evaluation.report_rows(result)
+    _write(evaluation.format_table(rows))
     _prepare_output_folder(out_dir)
-    errors = {f.case_id: f.error for f in result.failures}
-    buffer = text_io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[*_COLUMNS, "error"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows([{**row, "error": errors.get(row["case"], "")} for row in [*rows, total]])
-    io.write_text_atomic(csv_path, buffer.getvalue())
-    io.write_text_atomic(json_path, json.dumps(io.json_safe(result.to_dict()), indent=2))
+    evaluation.write_reports(result, csv_path, json_path)
     _write(f"wrote {csv_path} and {json_path}")
     for failure in result.failures:
         sys.stderr.write(f"FAILED {failure.case_id}: {failure.error}\n")
     if result.failures:
-        _write(f"{len(result.failures)} of {len(rows)} cases failed; overall is over the others")
+        cases = len(rows) - 1  # without the overall row
+        _write(f"{len(result.failures)} of {cases} cases failed; overall is over the others")
     return 1 if result.failures else 0
 
 
@@ -379,7 +259,7 @@ def cmd_phantoms(args) -> int:
 
 
 def cmd_bundle(args) -> int:
-    from verse_jax import bundle
+    from verse_jax.infer import bundle
 
     out = bundle.make_bundle(args.output, spine=args.spine, scn=args.scn, seg=args.seg)
     _write(f"wrote model bundle {out}")
@@ -397,7 +277,7 @@ def _load_model(path):
 
 
 def cmd_demo(args) -> int:
-    from verse_jax import demo
+    from verse_jax import demo, evaluation
 
     model = _load_model(args.model)
     extra = {} if args.max_voxels is None else {"max_voxels": args.max_voxels}
@@ -406,7 +286,7 @@ def cmd_demo(args) -> int:
     )
     if result.failure:
         sys.stderr.write(f"verse-jax demo: the model found nothing ({result.failure})\n")
-    _write(_format_table([_row(result.scores)]))
+    _write(evaluation.format_table([evaluation.case_row(result.scores)]))
     trained = model.extra.get("trained")
     state = {True: "trained", False: "UNTRAINED placeholder"}.get(trained, "")
     _write(f"model: {model.path}" + (f" ({state})" if state else ""))
@@ -516,7 +396,7 @@ def _add_predict_extras(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="flag a labelling whose margin per vertebra over a one-level alternative is below "
-        "this (default label_confidence.DEFAULT_MARGIN_THRESHOLD, provisional 0.15)",
+        "this (default confidence.DEFAULT_MARGIN_THRESHOLD, provisional 0.15)",
     )
 
 

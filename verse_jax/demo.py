@@ -17,7 +17,7 @@ import numpy as np
 from verse_jax import io, metrics, phantoms
 
 if TYPE_CHECKING:  # the bundle module imports jax: loaded only when a model is
-    from verse_jax.bundle import Bundle
+    from verse_jax.infer.bundle import Bundle
 
 SHIPPED_BUNDLE = Path(__file__).resolve().parent / "demo_bundle"
 # Not a training seed: the phantom data sets draw case seeds with phantoms.case_seed (32-bit
@@ -44,7 +44,7 @@ def notice(model: "Bundle", shipped: bool) -> str | None:
 
 def load_model(path=None) -> tuple["Bundle", str | None]:
     """``(bundle, notice)``: the bundle at ``path``, or the shipped demo bundle when None."""
-    from verse_jax import bundle
+    from verse_jax.infer import bundle
 
     shipped = path is None
     model = bundle.load_bundle(SHIPPED_BUNDLE if shipped else path)
@@ -77,7 +77,8 @@ def run_demo(
     are computed from the written files as ``verse-jax evaluate --pred OUT --gt
     OUT/ground_truth`` computes them.
     """
-    from verse_jax import pipeline, preview
+    from verse_jax import preview
+    from verse_jax.infer import predict
 
     out = Path(out_dir)
     truth = out / "ground_truth"
@@ -102,8 +103,8 @@ def run_demo(
     image = io.read_volume(files["ct"])  # what `verse-jax predict` would read
     failure = None
     try:
-        centroids, mask = pipeline.predict_case(image, model, overlap_z=overlap_z)
-    except pipeline.NoSpineFoundError as error:  # scored as every vertebra missed
+        centroids, mask = predict.predict_case(image, model, overlap_z=overlap_z)
+    except predict.NoSpineFoundError as error:  # scored as every vertebra missed
         failure = f"{type(error).__name__}: {error}"
         centroids = io.Centroids(np.zeros(0, np.int64), np.zeros((0, 3)))
         mask = type(image)(np.zeros(image.geometry.size, np.uint16), image.geometry)

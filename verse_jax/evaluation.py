@@ -7,7 +7,11 @@ prediction's JSON in its own mask's grid (the CT's, where the prediction has no 
 truth's in its CT's grid; a ground-truth mask must lie on its CT's grid.
 """
 
+import csv
+import io as text_io
+import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,3 +223,61 @@ def evaluate_folder(pred_dir, gt_dir) -> FolderEvaluation:
             logger.debug("case %s failed", case_id, exc_info=True)
             failures.append(CaseFailure(case_id, f"{type(error).__name__}: {error}"))
     return FolderEvaluation(cases, failures, metrics.aggregate_metrics(cases), warnings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports: the table printed by `verse-jax evaluate`, evaluation.csv and evaluation.json
+
+
+_COLUMNS = ("case", "num_gt", "num_pred", "id_rate", "mean_distance_mm", "dice", "hausdorff_mm")
+_FAILED = {c: "" for c in _COLUMNS[1:]} | {"num_gt": "FAILED"}
+
+
+def case_row(case: metrics.CaseMetrics) -> dict:
+    """The table row of one scored case (`report_rows`)."""
+    loc, seg = case.localization, case.segmentation
+    return {
+        "case": case.case_id,
+        "num_gt": loc.num_gt if loc else (seg.num_gt if seg else ""),
+        "num_pred": loc.num_pred if loc else (seg.num_pred if seg else ""),
+        "id_rate": loc.id_rate if loc else math.nan,
+        "mean_distance_mm": loc.mean_distance_mm if loc else math.nan,
+        "dice": seg.mean_dice if seg else math.nan,
+        "hausdorff_mm": seg.mean_hausdorff_mm if seg else math.nan,
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    def cell(value):
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    cells = [[cell(row[c]) for c in _COLUMNS] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(_COLUMNS)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(_COLUMNS, widths, strict=True))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def report_rows(result: FolderEvaluation) -> list[dict]:
+    """One row per case (failed cases marked FAILED), sorted by case id, then the overall row."""
+    overall = result.overall
+    rows = [case_row(case) for case in result.cases]
+    rows += [{"case": f.case_id, **_FAILED} for f in result.failures]
+    rows.sort(key=lambda row: row["case"])
+    total = {"case": "overall", "num_gt": overall.num_gt_vertebrae}
+    total |= {"num_pred": overall.num_pred_vertebrae, "id_rate": overall.id_rate}
+    total |= {"mean_distance_mm": overall.mean_distance_mm, "dice": overall.dice}
+    total |= {"hausdorff_mm": overall.hausdorff_mm}
+    return [*rows, total]
+
+
+def write_reports(result: FolderEvaluation, csv_path, json_path) -> None:
+    """``evaluation.csv`` (`report_rows` plus each failure's error) and ``evaluation.json``
+    (``result.to_dict()``, strict JSON), both written atomically."""
+    errors = {f.case_id: f.error for f in result.failures}
+    buffer = text_io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*_COLUMNS, "error"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([{**row, "error": errors.get(row["case"], "")} for row in report_rows(result)])
+    io.write_text_atomic(Path(csv_path), buffer.getvalue())
+    io.write_text_atomic(Path(json_path), json.dumps(io.json_safe(result.to_dict()), indent=2))

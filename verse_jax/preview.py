@@ -4,7 +4,6 @@ Two views through the spine, sampled in physical space (oblique inputs too): a s
 (world y-z at a fixed world x) and a coronal plane (world x-z at a fixed world y), superior up.
 """
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,10 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from scipy import ndimage
 
-from verse_jax import io
 from verse_jax import labels as verse_labels
 from verse_jax.geometry import Volume
 from verse_jax.io import Centroids
+from verse_jax.io.files import atomic_path
 
 _WINDOW_HU = (-300.0, 1200.0)
 _MAX_PIXELS = 600
@@ -117,11 +116,6 @@ def write_preview(
     path = Path(path)
     figure = render_preview(image, mask, centroids, title)
     FigureCanvasAgg(figure)
-    tmp = io.temporary_path(path)
-    try:
-        figure.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png")
     return path

@@ -4,8 +4,9 @@ A :class:`StageSpec` is everything that decides what a stage's network sees and 
 read: the stage grid (isotropic spacing, crop size, smoothing before resampling), the input
 channels and how they are built, the crop placement, the centroid-channel Gaussian, the landmark
 mask of the SCN, the candidate rules of the SCN's heatmaps and the network factory. Training
-(``samples``, ``stage_cache``, ``data``), prediction (``pipeline``), the export (``bundle``, which
-stores the whole definition in ``stage.json``) and the experiment configs all read it from here.
+(``data.samples``, ``data.cache``, ``data.pipeline``), prediction (``infer.predict``), the export
+(``infer.bundle``, which stores the whole definition in ``stage.json``) and the experiment configs
+all read it from here.
 The facts each default follows are in ``docs/reference.md`` (cited as "reference §x").
 
 Crop placement (``crop_center_vox``), all in voxels of the stage grid (identity direction):
@@ -20,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from verse_jax.augmentation import AugmentRanges
+from verse_jax.data.augmentation import AugmentRanges
 from verse_jax.preprocessing import OUTSIDE_NORMALIZED
 
 STAGE_NAMES = ("spine", "scn", "seg")
@@ -38,6 +39,15 @@ MASK_MARGIN_RULES = ("mm", "slices_per_mm")
 
 
 @dataclasses.dataclass(frozen=True)
+class StageGrid:
+    """Network grid of a stage: isotropic spacing (mm), crop (x, y, z) voxels, smoothing (mm)."""
+
+    spacing_mm: float
+    crop_size: tuple[int, int, int]
+    smoothing_mm: float
+
+
+@dataclasses.dataclass(frozen=True)
 class CandidateRule:
     """How landmark candidates are read off an SCN heatmap (reference §5.6).
 
@@ -48,7 +58,7 @@ class CandidateRule:
         max_candidates: None keeps every maximum the rule finds (as the reference); an int caps M.
         value_scale: the merged heatmaps are multiplied by this before candidates are read and
             the sequence is selected, so that the reference's absolute thresholds (0.25, 0.5 and
-            the ones of ``postprocessing.select_landmark_sequence``) keep their meaning for target
+            the ones of ``infer.sequence.select_landmark_sequence``) keep their meaning for target
             Gaussians of another height. Reference: 1. The demo's targets (sigma 2 voxels) are 8x
             taller than the paper's (sigma 4) at the start; with 1 its weak off-target responses
             passed 0.25 and the front/back extension ran away (prediction, not training).

@@ -59,7 +59,7 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.data.crop_size = paper.crop_size
     c.data.smoothing_mm = paper.smoothing_mm
     c.data.augment = True
-    # Half-widths of the uniform augmentation draws (verse_jax.augmentation.AugmentRanges); the
+    # Half-widths of the uniform augmentation draws (verse_jax.data.augmentation.AugmentRanges); the
     # defaults are the paper definition's (docs/reference.md §3.3-3.4); presets may narrow them.
     ranges = dataclasses.asdict(paper.augment)
     del ranges["control_points"]  # a fixed part of the definition, not a range

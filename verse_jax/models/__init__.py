@@ -1,6 +1,7 @@
 """Linen networks of the three stages: ``UNet3D`` and ``SpatialConfigurationNet``, with presets.
 
-Inputs are ``(batch, x, y, z, channels)``; dropout uses the rng collection "dropout".
+Inputs are ``(batch, x, y, z, channels)``; dropout uses the rng collection "dropout". ``registry``
+builds a stage's network from its definition (``StageNetwork``: what the predictors take).
 """
 
 from verse_jax.models.layers import Conv3D, ConvBlock, resolve_conv_impl

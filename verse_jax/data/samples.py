@@ -30,10 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from verse_jax import augmentation as aug
 from verse_jax import heatmaps, stages
+from verse_jax.data import augmentation as aug
+from verse_jax.data.cache import StageCase
 from verse_jax.labels import VALID_LABELS, index_to_label
-from verse_jax.stage_cache import StageCase
 from verse_jax.stages import StageSpec
 
 

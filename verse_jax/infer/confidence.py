@@ -2,7 +2,7 @@
 
 The commonest labelling error is the whole sequence named one level off (or a transitional T13/L6
 miscounted). The candidate peaks hold the evidence against it: the best admissible sequence (the
-same exact search as `postprocessing.best_sequence_dp`) of the same number of vertebrae with every
+same exact search as `sequence.best_sequence_dp`) of the same number of vertebrae with every
 label moved one level up or down, or with T13 inserted or removed at the thoraco-lumbar junction
 where the landmark set has a T13 channel (26 landmarks). An extra or missing L6 needs no own
 hypothesis: L6 is the last label, so it is the -1 / +1 shift at the lumbar end.
@@ -18,8 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from verse_jax.infer.candidates import LandmarkCandidates
+from verse_jax.infer.sequence import (
+    SEQUENCE_RULES,
+    LandmarkSequence,
+    SequenceRules,
+    best_sequence_dp,
+)
 from verse_jax.labels import T12_INDEX, T13_INDEX, index_to_label
-from verse_jax.postprocessing import LandmarkCandidates, LandmarkSequence, best_sequence_dp
 
 # Provisional: not yet calibrated on a trained bundle (benchmarks/label_shift_calibration.py
 # measures catch and false-alarm rates of any threshold on held-out phantoms).
@@ -121,16 +127,15 @@ def label_confidence(
     sequence: LandmarkSequence,
     *,
     threshold: float = DEFAULT_MARGIN_THRESHOLD,
-    min_valid_distance: float = 12.5,
-    max_valid_distance: float = 50.0,
+    rules: SequenceRules = SEQUENCE_RULES,
 ) -> LabelConfidence:
     """Margin of the chosen labelling over its shifted and T13 alternatives.
 
     Args:
         candidates: the landmark candidates the sequence was selected from (K landmarks).
-        sequence: `postprocessing.select_landmark_sequence`'s result on them.
+        sequence: `sequence.select_landmark_sequence`'s result on them.
         threshold: flag the case when the per-vertebra margin is below this.
-        min_valid_distance, max_valid_distance: the sequence search's admissible spacing (mm).
+        rules: the sequence selection's rules (their admissible spacing of neighbours, mm).
 
     Returns:
         `LabelConfidence`.
@@ -152,8 +157,8 @@ def label_confidence(
             values[run],
             np.asarray(candidates.points_mm)[run],
             np.asarray(candidates.valid)[run],
-            min_valid_distance=min_valid_distance,
-            max_valid_distance=max_valid_distance,
+            min_valid_distance=rules.min_distance_mm,
+            max_valid_distance=rules.max_distance_mm,
         )
         alternatives.append(LabelHypothesis(name, tuple(index_to_label(k) for k in run), alt_score))
     best = max(alternatives, key=lambda h: h.score, default=None)

@@ -15,11 +15,8 @@ shapes of the network the config builds (``jax.eval_shape`` of ``model.init``), 
 """
 
 import dataclasses
-import functools
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,11 @@ import numpy as np
 from flax import serialization, traverse_util
 
 from verse_jax import stages
-from verse_jax.stages import StageSpec
+from verse_jax.infer.predict import Networks
+from verse_jax.io.files import atomic_directory
+from verse_jax.models import registry
+from verse_jax.models.registry import StageNetwork, abstract_params
+from verse_jax.stages import StageGrid, StageSpec
 
 STAGE_FORMAT = "verse-jax-stage"
 BUNDLE_FORMAT = "verse-jax-bundle"
@@ -48,95 +49,24 @@ class BundleError(ValueError):
     """A stage export or bundle that cannot be used; the message names the file and the problem."""
 
 
-@dataclasses.dataclass(frozen=True)
-class StageGrid:
-    """Network grid of a stage: isotropic spacing (mm), crop (x, y, z) voxels, smoothing (mm)."""
-
-    spacing_mm: float
-    crop_size: tuple[int, int, int]
-    smoothing_mm: float
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
-class StageModel:
-    """One loaded stage: Linen module, params pytree (device arrays) and its definition.
+class StageModel(StageNetwork):
+    """One loaded stage export: the network the predictors take (``StageNetwork``: definition,
+    Linen module, params as device arrays) and what the export records besides.
 
     ``sigmas`` is the SCN's ``(K,)`` learnable heatmap sigmas in voxels (None for other stages).
-    Jitted apply functions are cached per network config (Linen modules hash by their fields)
-    and JAX caches the compiled code per input shape, so repeated cases do not recompile.
     """
 
-    spec: StageSpec
-    model: nn.Module
-    params: Any
     factory: str
     factory_kwargs: dict
     sigmas: np.ndarray | None
     extra: dict
     path: Path | None = None
 
-    @property
-    def stage(self) -> str:
-        return self.spec.name
-
-    @property
-    def grid(self) -> StageGrid:
-        return StageGrid(self.spec.spacing_mm, self.spec.crop_size, self.spec.smoothing_mm)
-
-    @property
-    def num_landmarks(self) -> int:
-        return self.spec.num_landmarks
-
-    @property
-    def input_channels(self) -> int:
-        return self.spec.input_channels
-
-    def apply_partial(self, transform=None) -> jax.tree_util.Partial:
-        """``Partial(apply, params)``: ``x (B, x, y, z, c) -> output``, params traced.
-
-        The function is the same object for equal network configs (``apply_function``), which
-        suits ``inference.sliding_window``'s compilation cache.
-
-        Args:
-            transform: None (raw module output), ``"heatmaps"`` (``SCNOutput.heatmaps``) or
-                ``"sigmoid"`` (sigmoid of the logits).
-        """
-        return jax.tree_util.Partial(apply_function(self.model, transform), self.params)
-
-    def apply_fn(self, transform=None):
-        """Jitted ``x (B, x, y, z, c) -> output`` (see :meth:`apply_partial` for ``transform``).
-
-        Compiled once per (network config, transform, input shape), shared by all loaded stages.
-        """
-        jitted = _jitted_apply(self.model, transform)
-        return lambda x: jitted(self.params, x)
-
-
-@functools.lru_cache(maxsize=64)
-def apply_function(model: nn.Module, transform=None):
-    """``apply(params, x)`` of a Linen module (inference mode); one function per equal config."""
-    if transform not in (None, "heatmaps", "sigmoid"):
-        raise ValueError(f"transform must be None, 'heatmaps' or 'sigmoid', got {transform!r}")
-
-    def apply(params, x):
-        out = model.apply({"params": params}, x, train=False)
-        if transform == "heatmaps":
-            return out.heatmaps
-        if transform == "sigmoid":
-            return jax.nn.sigmoid(out)
-        return out
-
-    return apply
-
-
-@functools.lru_cache(maxsize=64)
-def _jitted_apply(model: nn.Module, transform=None):
-    return jax.jit(apply_function(model, transform))
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Bundle:
-    """The three stages of the pipeline, loaded."""
+class Bundle(Networks):
+    """The three stages of the pipeline, loaded (``Networks`` with the bundle's metadata)."""
 
     spine: StageModel
     scn: StageModel
@@ -145,32 +75,12 @@ class Bundle:
     extra: dict = dataclasses.field(default_factory=dict)
 
 
-def _factories() -> dict:
-    from verse_jax import models
-
-    return {
-        "spine_localization_net": models.spine_localization_net,
-        "vertebrae_localization_net": models.vertebrae_localization_net,
-        "vertebrae_segmentation_net": models.vertebrae_segmentation_net,
-    }
-
-
 def build_model(factory: str, factory_kwargs: dict) -> nn.Module:
-    """Linen module from a factory name (one of ``STAGE_FACTORIES``' values) and its kwargs."""
-    factories = _factories()
-    if factory not in factories:
-        raise BundleError(f"unknown network factory {factory!r}; known: {sorted(factories)}")
+    """``registry.build_model``, raising BundleError (unknown factory, rejected kwargs)."""
     try:
-        return factories[factory](**factory_kwargs)
-    except (TypeError, ValueError, KeyError) as err:
-        raise BundleError(f"cannot build {factory}(**{factory_kwargs!r}): {err}") from err
-
-
-def abstract_params(model: nn.Module, crop_size, input_channels: int) -> Any:
-    """Shape/dtype tree of ``model``'s params for a ``(1, *crop_size, input_channels)`` input."""
-    x = jax.ShapeDtypeStruct((1, *map(int, crop_size), int(input_channels)), jnp.float32)
-    variables = jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.key(0), x)
-    return variables["params"]
+        return registry.build_model(factory, factory_kwargs)
+    except ValueError as err:
+        raise BundleError(str(err)) from err
 
 
 def _check_params(params: Any, expected: Any, where: str) -> None:
@@ -219,27 +129,6 @@ def _grid_dict(grid: Any, where: str) -> dict:
             f"{where}: bad grid {grid!r}: crop_size must be 3 positive ints, spacing_mm > 0"
         )
     return out
-
-
-def _write_dir_atomic(out_dir: Path, fill) -> Path:
-    """Fill a temporary sibling directory with ``fill(tmp)``, then move it to ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        fill(tmp)
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out_dir
 
 
 def _resolve_spec(where, spec, stage, factory, grid, num_landmarks, input_channels) -> StageSpec:
@@ -326,13 +215,12 @@ def export_stage(
     text = json.dumps(meta, indent=2)
     data = serialization.to_bytes(jax.tree.map(lambda a: np.asarray(a, params_dtype), params))
 
-    def fill(tmp: Path) -> None:
+    with atomic_directory(out_dir) as tmp:
         (tmp / "stage.json").write_text(text)
         (tmp / "params.msgpack").write_bytes(data)
         if sigmas is not None:
             np.save(tmp / "sigmas.npy", np.asarray(sigmas, np.float32))
-
-    return _write_dir_atomic(Path(out_dir), fill)
+    return Path(out_dir)
 
 
 def _read_json(path: Path, fmt: str, versions=(FORMAT_VERSION,)) -> dict:
@@ -462,12 +350,11 @@ def make_bundle(out_dir, *, spine, scn, seg, extra=None) -> Path:
     if extra:
         meta["extra"] = dict(extra)
 
-    def fill(tmp: Path) -> None:
+    with atomic_directory(out_dir) as tmp:
         for name, src in sources.items():
             shutil.copytree(src, tmp / name)
         (tmp / "bundle.json").write_text(json.dumps(meta, indent=2))
-
-    return _write_dir_atomic(Path(out_dir), fill)
+    return Path(out_dir)
 
 
 def load_bundle(path) -> Bundle:
@@ -500,70 +387,3 @@ def load_bundle(path) -> Bundle:
     if not isinstance(extra, dict):
         raise BundleError(f"{meta_path}: 'extra' must be an object, got {type(extra).__name__}")
     return Bundle(**loaded, path=path, extra=extra)
-
-
-def random_params(abstract: Any, seed: int) -> Any:
-    """Random params for a shape tree: kernels He normal (std sqrt(2 / fan_in)), biases 0 (numpy).
-
-    Filled on the host so that no initialiser has to be compiled (XLA compiles ``model.init`` of
-    even a tiny U-Net for 10+ s on a CPU). Unlike the models' own init, output heads are not scaled
-    down, so random networks give non-trivial outputs.
-    """
-    rng = np.random.default_rng(seed)
-    flat = traverse_util.flatten_dict(serialization.to_state_dict(abstract))
-    out = {}
-    for path, leaf in flat.items():
-        shape = tuple(leaf.shape)
-        if path[-1] == "kernel" and len(shape) > 1:
-            std = np.sqrt(2.0 / max(1, int(np.prod(shape[:-1]))))
-            out[path] = (rng.standard_normal(shape) * std).astype(np.float32)
-        else:
-            out[path] = np.zeros(shape, np.float32)
-    return traverse_util.unflatten_dict(out)
-
-
-def random_bundle(
-    out_dir, preset="tiny", seed=0, grids=None, num_landmarks=25, network_kwargs=None, extra=None
-) -> Path:
-    """Export a bundle of randomly initialised networks (tests, benchmarks); see random_params.
-
-    The spine network's output bias is 1, so that its heatmap is positive and the pipeline finds
-    a spine (with a zero bias a random network often has no positive output inside the scan).
-
-    Args:
-        out_dir: bundle directory to write.
-        preset: network preset of all three factories (``"tiny"``, ``"demo"``, ``"paper"``).
-        seed: seed of the random parameters.
-        grids: optional ``{stage: grid dict or StageSpec}`` overriding the paper definition.
-        num_landmarks: K of the SCN and of the bundle.
-        network_kwargs: extra factory kwargs for all three networks, e.g. ``{"conv_impl": "lax"}``.
-        extra: metadata for ``bundle.json`` (see :func:`make_bundle`).
-    """
-    out_dir = Path(out_dir)
-    grids = {**PAPER_GRIDS, **(grids or {})}
-    stage_dir = out_dir.parent / f".{out_dir.name}.stages-{uuid.uuid4().hex[:8]}"
-    try:
-        for offset, stage in enumerate(STAGES):
-            kwargs = {"preset": preset, **(network_kwargs or {})}
-            if stage == "scn":
-                kwargs["num_landmarks"] = num_landmarks
-            spec = grids[stage]
-            if not isinstance(spec, StageSpec):
-                grid = _grid_dict(spec, f"random_bundle grid {stage!r}")
-                spec = stages.with_grid(stage, grid, num_landmarks)
-            model = build_model(spec.factory, kwargs)
-            shapes = abstract_params(model, spec.crop_size, spec.input_channels)
-            params = random_params(shapes, seed * len(STAGES) + offset)
-            if stage == "spine" and "output" in params:  # positive heatmap: a spine is found
-                params["output"]["bias"] = np.ones_like(params["output"]["bias"])
-            export_stage(
-                stage_dir / stage,
-                spec=spec,
-                factory_kwargs=kwargs,
-                params=params,
-                sigmas=np.full((num_landmarks,), 4.0, np.float32) if stage == "scn" else None,
-                extra={"random": True, "seed": seed},
-            )
-        return make_bundle(out_dir, **{s: stage_dir / s for s in STAGES}, extra=extra)
-    finally:
-        shutil.rmtree(stage_dir, ignore_errors=True)

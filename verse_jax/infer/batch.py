@@ -7,7 +7,7 @@ named per shard (``statistics-shard<I>of<N>.csv``). The shard comes from ``--sha
 ``jax.process_count()``; ``--distributed`` calls ``jax.distributed.initialize()`` first).
 
 Reading ahead: while the networks run on one case, a background thread reads the next CT and
-computes its stage volumes (``pipeline.prepare_case``), at most one case ahead; an error there is
+computes its stage volumes (``inputs.prepare_case``), at most one case ahead; an error there is
 that case's error, raised when the case's turn comes.
 """
 

@@ -7,16 +7,15 @@ Slicer) and hand out floats; `read_probabilities` does so too.
 """
 
 import gzip
-import os
 import shutil
 import struct
-import uuid
 from pathlib import Path
 
 import numpy as np
 
-from verse_jax import io
 from verse_jax.geometry import Volume
+from verse_jax.io.files import atomic_path
+from verse_jax.io.images import read_volume, write_volume
 
 SCALE = 65535
 _SLOPE_OFFSET = 112  # NIfTI-1 header: float32 scl_slope at 112, scl_inter at 116
@@ -41,28 +40,25 @@ def write_probabilities(path, probabilities: Volume) -> Path:
     if not path.parent.is_dir():
         raise ValueError(f"{path}: folder {path.parent} does not exist")
     quantised = np.rint(values * SCALE).astype(np.uint16)
-    plain = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp.nii")
-    final = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        io.write_volume(plain, Volume(quantised, probabilities.geometry))  # uncompressed
-        with plain.open("r+b") as stream:
-            order = "<" if struct.unpack("<i", stream.read(4))[0] == 348 else ">"
-            stream.seek(_SLOPE_OFFSET)
-            stream.write(struct.pack(order + "2f", 1.0 / SCALE, 0.0))
-        if path.name.lower().endswith(".gz"):
-            with plain.open("rb") as source, gzip.open(final, "wb", compresslevel=6) as target:
-                shutil.copyfileobj(source, target, 1 << 22)
-        else:
-            os.replace(plain, final)
-        os.replace(final, path)
-    finally:
-        for temporary in (plain, final):
-            if temporary.exists():
-                temporary.unlink()
+    compressed = path.name.lower().endswith(".gz")
+    with atomic_path(path) as final:
+        plain = final.with_name(final.name[: -len(".gz")]) if compressed else final
+        try:
+            write_volume(plain, Volume(quantised, probabilities.geometry))  # uncompressed
+            with plain.open("r+b") as stream:
+                order = "<" if struct.unpack("<i", stream.read(4))[0] == 348 else ">"
+                stream.seek(_SLOPE_OFFSET)
+                stream.write(struct.pack(order + "2f", 1.0 / SCALE, 0.0))
+            if compressed:
+                with plain.open("rb") as source, gzip.open(final, "wb", compresslevel=6) as target:
+                    shutil.copyfileobj(source, target, 1 << 22)
+        finally:
+            if compressed and plain.exists():
+                plain.unlink()
     return path
 
 
 def read_probabilities(path) -> Volume:
     """Read a probability NIfTI as float32 (the reader applies ``scl_slope``)."""
-    volume = io.read_volume(path)
+    volume = read_volume(path)
     return Volume(np.asarray(volume.array, np.float32), volume.geometry)

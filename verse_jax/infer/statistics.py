@@ -195,7 +195,7 @@ def case_report(case_id: str, records: list[VertebraStatistics], confidence=None
     Args:
         case_id: the case's id.
         records: `vertebra_statistics` of the case.
-        confidence: `label_confidence.LabelConfidence` or None.
+        confidence: `confidence.LabelConfidence` or None.
     """
     report = {
         "case": case_id,

@@ -22,93 +22,33 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 import numpy as np
 
-from verse_jax import inference, postprocessing, preprocessing, samples, stages
-from verse_jax.bundle import Bundle, StageGrid, StageModel
-from verse_jax.geometry import Geometry, Volume, physical_bounding_grid
-from verse_jax.io import Centroids, landmarks_to_centroids
-from verse_jax.label_confidence import DEFAULT_MARGIN_THRESHOLD, LabelConfidence, label_confidence
+from verse_jax import stages
+from verse_jax.data import samples
+from verse_jax.geometry import Geometry, Volume
+from verse_jax.infer import sequence as sequence_lib
+from verse_jax.infer import sliding_window
+from verse_jax.infer.candidates import LandmarkCandidates, column_z_range_mm, landmark_candidates
+from verse_jax.infer.confidence import DEFAULT_MARGIN_THRESHOLD, LabelConfidence, label_confidence
+from verse_jax.infer.fusion import LabelFusion, fuse_crop, largest_component
+from verse_jax.infer.inputs import prepare_case
+from verse_jax.io.centroids import Centroids, landmarks_to_centroids
 from verse_jax.labels import index_to_label
+from verse_jax.models.registry import StageNetwork
 
 logger = logging.getLogger(__name__)
-
-_MIN_CT_RANGE_HU = 100.0
 
 
 class NoSpineFoundError(ValueError):
     """The networks found no spine or no vertebra in the image."""
 
 
-def check_ct(volume: Volume, name: str = "image") -> None:
-    """Raise ValueError unless ``volume`` looks like a 3-D CT in HU (numeric, >= 100 HU range)."""
-    array = np.asarray(volume.array)
-    if array.dtype == bool or not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"{name}: not a CT (voxel type {array.dtype})")
-    low, high = float(array.min()), float(array.max())
-    if not np.isfinite([low, high]).all() or high - low < _MIN_CT_RANGE_HU:
-        raise ValueError(
-            f"{name}: does not look like a CT in HU (intensities {low:g}..{high:g}; "
-            f"a CT spans air to bone)"
-        )
+@dataclass(frozen=True, eq=False)
+class Networks:
+    """The three stage networks `predict_case` runs (a loaded ``infer.bundle.Bundle`` is one)."""
 
-
-def stage_volumes(image: Volume, grids: dict[str, StageGrid]) -> dict[str, Volume]:
-    """Normalised volumes on each stage's bounding grid (``preprocessing.to_stage_grid`` steps).
-
-    The clamp at -1024 HU is done once and each smoothing once for all stages that share it.
-
-    Args:
-        image: CT in HU, (x, y, z), any grid.
-        grids: stage name -> grid (spacing_mm, smoothing_mm).
-
-    Returns:
-        stage name -> float32 Volume in [-1, 1] on ``physical_bounding_grid(image, spacing_mm)``.
-    """
-    clamped = np.array(image.array, np.float32)  # one float32 copy, clamped in place
-    np.maximum(clamped, np.float32(preprocessing.CT_MIN_HU), out=clamped)
-    clamped = Volume(clamped, image.geometry)
-    out = {}
-    for smoothing in sorted({grid.smoothing_mm for grid in grids.values()}):
-        smoothed = preprocessing.smooth_mm(clamped, smoothing)
-        for name, grid in grids.items():
-            if grid.smoothing_mm == smoothing:
-                target = physical_bounding_grid(image.geometry, grid.spacing_mm)
-                resampled = preprocessing.resample(
-                    smoothed, target, default_value=preprocessing.CT_MIN_HU
-                )
-                out[name] = Volume(preprocessing.normalize_ct(resampled.array), target)
-        del smoothed
-    return out
-
-
-def prepare_case(image: Volume, bundle: Bundle) -> dict[str, Volume]:
-    """Check ``image`` (`check_ct`) and compute its volume of every stage (`stage_volumes`).
-
-    No JAX: ``verse-jax predict`` runs it for the next case in a thread while the networks run.
-
-    Returns:
-        The ``volumes`` argument of `predict_case_details`.
-    """
-    check_ct(image)
-    grids = {"spine": bundle.spine.grid, "scn": bundle.scn.grid, "seg": bundle.seg.grid}
-    return stage_volumes(image, grids)
-
-
-def cut_box(volume: Volume, start, size, pad_value: float = preprocessing.OUTSIDE_NORMALIZED):
-    """Integer box of an identity-direction volume, padded where it leaves the volume.
-
-    Args:
-        volume: (x, y, z) volume on an identity-direction grid.
-        start: (3,) int voxel index (may be negative) of the box's first voxel in ``volume``.
-        size: (3,) box size in voxels.
-        pad_value: value outside the volume.
-
-    Returns:
-        Volume of ``size`` whose geometry is the box's own grid (same spacing, identity).
-    """
-    start = np.asarray(start, np.int64)
-    out = samples.cut_box(np.asarray(volume.array), start, size, pad_value)
-    origin = volume.geometry.index_to_physical(start.astype(np.float64))
-    return Volume(out, Geometry(tuple(out.shape), volume.geometry.spacing_mm, tuple(origin)))
+    spine: StageNetwork
+    scn: StageNetwork
+    seg: StageNetwork
 
 
 def _crop_geometry(volume: Volume, origin_vox, size) -> Geometry:
@@ -117,7 +57,7 @@ def _crop_geometry(volume: Volume, origin_vox, size) -> Geometry:
     return Geometry(tuple(int(v) for v in size), volume.geometry.spacing_mm, tuple(origin))
 
 
-def predict_spine(volume: Volume, stage: StageModel) -> np.ndarray:
+def predict_spine(volume: Volume, stage: StageNetwork) -> np.ndarray:
     """Stage 1: the spine's world position from the whole scan.
 
     Args:
@@ -152,11 +92,10 @@ def predict_spine(volume: Volume, stage: StageModel) -> np.ndarray:
 def predict_landmarks(
     volume: Volume,
     spine_mm,
-    stage: StageModel,
+    stage: StageNetwork,
     *,
     overlap_z: int | None = None,
     batch_size: int = 1,
-    whole_column: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stage 2: vertebra centroids from the column around the spine.
 
@@ -171,7 +110,6 @@ def predict_landmarks(
         stage,
         overlap_z=overlap_z,
         batch_size=batch_size,
-        whole_column=whole_column,
     )
     return sequence.points_mm, sequence.valid
 
@@ -179,12 +117,11 @@ def predict_landmarks(
 def predict_landmark_sequence(
     volume: Volume,
     spine_mm,
-    stage: StageModel,
+    stage: StageNetwork,
     *,
     overlap_z: int | None = None,
     batch_size: int = 1,
-    whole_column: bool = False,
-) -> tuple[postprocessing.LandmarkCandidates, postprocessing.LandmarkSequence]:
+) -> tuple[LandmarkCandidates, sequence_lib.LandmarkSequence]:
     """Stage 2: candidate peaks and the selected landmark sequence from the column around the spine.
 
     Args:
@@ -194,42 +131,57 @@ def predict_landmark_sequence(
         overlap_z: window overlap in slices; None: 3/4 of the window (96 of 128 slices as the
             reference's validation; its docker used 64).
         batch_size: windows per network call.
-        whole_column: run the network once over the whole column instead of windows
-            (`inference.whole_column`), for `benchmarks/inference_speed.py` only: with the demo
-            SCN the landmarks moved up to 27 mm on held-out phantoms, so `predict_case` and the
-            command line do not offer it.
 
     Returns:
-        The candidates (`postprocessing.landmark_candidates`) and the sequence selected from them
+        The candidates (`candidates.landmark_candidates`) and the sequence selected from them
         (its `points_mm`, `valid` and heatmap `values`).
     """
     spec = stage.spec
-    crop_x, crop_y, window_z = spec.crop_size
+    window_z = spec.crop_size[2]
+    column, geometry = scn_column(volume, spine_mm, spec)
+    merged = sliding_window.sliding_window(
+        stage.apply_partial("heatmaps"),
+        jnp.asarray(column),
+        window_z=window_z,
+        overlap_z=window_z * 3 // 4 if overlap_z is None else int(overlap_z),
+        batch_size=batch_size,
+        pad_value=spec.window_pad_value,
+    )
+    return landmarks_from_heatmaps(merged, geometry, spec)
+
+
+def scn_column(volume: Volume, spine_mm, spec: stages.StageSpec) -> tuple[np.ndarray, Geometry]:
+    """The SCN's input column: the stage's crop in x, y around the spine, the whole scan in z.
+
+    Args:
+        volume: normalised scan on the stage's bounding grid (``stage_volumes``).
+        spine_mm: (3,) LPS mm spine point; its x, y centre the column.
+        spec: the SCN stage definition.
+
+    Returns:
+        ``(x, y, Z, 1)`` float32 column (``samples.prediction_input``) and its grid.
+    """
+    crop_x, crop_y, _ = spec.crop_size
     size = (crop_x, crop_y, volume.geometry.size[2])
     spine_vox = volume.geometry.physical_to_index(np.asarray(spine_mm, np.float64))
     center = stages.crop_center_vox(spec, volume.geometry.size, column_xy_vox=spine_vox[:2])
     column, origin_vox = samples.prediction_input(volume.array, spec, center, crop_size=size)
-    geometry = _crop_geometry(volume, origin_vox, size)
-    if whole_column:
-        merged = inference.whole_column(
-            stage.apply_fn("heatmaps"),
-            jnp.asarray(column),
-            multiple=window_z,
-            pad_value=spec.window_pad_value,
-        )
-    else:
-        merged = inference.sliding_window(
-            stage.apply_partial("heatmaps"),
-            jnp.asarray(column),
-            window_z=window_z,
-            overlap_z=window_z * 3 // 4 if overlap_z is None else int(overlap_z),
-            batch_size=batch_size,
-            pad_value=spec.window_pad_value,
-        )
+    return column, _crop_geometry(volume, origin_vox, size)
+
+
+def landmarks_from_heatmaps(
+    merged, geometry: Geometry, spec: stages.StageSpec
+) -> tuple[LandmarkCandidates, sequence_lib.LandmarkSequence]:
+    """Candidates and the selected sequence from the merged ``(x, y, Z, K)`` column heatmaps.
+
+    The stage's candidate rule (``spec.candidates``: value scale, peak distance and thresholds)
+    finds the peaks on ``geometry`` (the column's grid, ``scn_column``); the sequence is selected
+    over the column's z range.
+    """
     rule = spec.candidates
     if rule.value_scale != 1.0:
         merged = merged * rule.value_scale
-    candidates = postprocessing.landmark_candidates(
+    candidates = landmark_candidates(
         merged,
         geometry,
         max_candidates=rule.max_candidates,
@@ -237,42 +189,16 @@ def predict_landmark_sequence(
         min_max_value=rule.min_max_value,
         relative_threshold=rule.relative_threshold,
     )
-    sequence = postprocessing.select_landmark_sequence(
-        *candidates, postprocessing.column_z_range_mm(geometry)
-    )
+    sequence = sequence_lib.select_landmark_sequence(*candidates, column_z_range_mm(geometry))
     logger.debug("landmark sequence mode %s, %d valid", sequence.mode, sequence.valid.sum())
     return candidates, sequence
-
-
-def _fuse(fusion, prob: Volume, label: int, target: Geometry, threshold: float = 0.5) -> None:
-    """Resample one vertebra's probabilities onto the part of ``target`` they can win and fuse.
-
-    Only voxels with probability > 0.5 can beat the background's 0.5, and a linearly interpolated
-    value > 0.5 needs a grid neighbour > 0.5, so the source is cut to the bounding box of those
-    voxels plus one voxel; the result equals resampling the whole crop. A fusion that keeps
-    probabilities below 0.5 passes ``threshold=0`` (every voxel with a positive probability).
-    """
-    above = np.argwhere(prob.array > threshold)
-    if above.size == 0:
-        return
-    low, high = above.min(axis=0) - 1, above.max(axis=0) + 2
-    source = cut_box(prob, low, high - low, pad_value=0.0)
-    index = target.physical_to_index(source.geometry.corners_mm())
-    lo = np.maximum(np.floor(index.min(axis=0) - 1e-6).astype(np.int64), 0)
-    hi = np.minimum(np.ceil(index.max(axis=0) + 1e-6).astype(np.int64) + 1, target.size)
-    if np.any(hi <= lo):
-        return
-    origin = target.index_to_physical(lo.astype(np.float64))
-    sub = Geometry(tuple(hi - lo), target.spacing_mm, tuple(origin), target.direction)
-    resampled = preprocessing.resample(source, sub, interpolation="linear", default_value=0.0)
-    fusion.add(label, resampled.array, offset=tuple(lo))
 
 
 def predict_segmentation(
     volume: Volume,
     points_mm,
     valid,
-    stage: StageModel,
+    stage: StageNetwork,
     target: Geometry,
     *,
     batch_size: int = 1,
@@ -297,12 +223,12 @@ def fuse_segmentation(
     volume: Volume,
     points_mm,
     valid,
-    stage: StageModel,
+    stage: StageNetwork,
     target: Geometry,
     *,
     batch_size: int = 1,
     keep_low_probabilities: bool = False,
-) -> postprocessing.LabelFusion:
+) -> LabelFusion:
     """`predict_segmentation`'s fusion itself: labels and the per-voxel winning probability.
 
     Args:
@@ -313,7 +239,7 @@ def fuse_segmentation(
     spec = stage.spec
     crop = spec.crop_size
     segment = stage.apply_fn("sigmoid")
-    fusion = postprocessing.LabelFusion(target.size, keep_low_probabilities=keep_low_probabilities)
+    fusion = LabelFusion(target.size, keep_low_probabilities=keep_low_probabilities)
     threshold = 0.0 if keep_low_probabilities else 0.5
     indices = np.flatnonzero(np.asarray(valid))
     for first in range(0, len(indices), batch_size):
@@ -330,8 +256,8 @@ def fuse_segmentation(
         x[len(chunk) :] = x[0]  # padding of the last batch
         probs = np.asarray(segment(jnp.asarray(x)))[..., 0]
         for row, k in enumerate(chunk):
-            prob = postprocessing.largest_component(probs[row])
-            _fuse(fusion, Volume(prob, grids[row]), index_to_label(k), target, threshold)
+            prob = largest_component(probs[row])
+            fuse_crop(fusion, Volume(prob, grids[row]), index_to_label(k), target, threshold)
     return fusion
 
 
@@ -343,7 +269,7 @@ class CasePrediction:
         centroids: VerSe ids and LPS mm points of the found vertebrae.
         mask: uint16 label Volume with exactly the input's geometry.
         landmark_values: (N,) float64 heatmap peak value of each centroid, in `centroids` order.
-        candidates: the landmark candidates of stage 2 (`postprocessing.LandmarkCandidates`).
+        candidates: the landmark candidates of stage 2 (`LandmarkCandidates`).
         sequence: the landmark sequence selected from them.
         confidence: the labelling against its one-level alternatives (`label_confidence`).
         probabilities: float16 Volume on the input grid, the highest vertebra probability per
@@ -353,15 +279,15 @@ class CasePrediction:
     centroids: Centroids
     mask: Volume
     landmark_values: np.ndarray
-    candidates: postprocessing.LandmarkCandidates
-    sequence: postprocessing.LandmarkSequence
+    candidates: LandmarkCandidates
+    sequence: sequence_lib.LandmarkSequence
     confidence: LabelConfidence
     probabilities: Volume | None = None
 
 
 def predict_case(
     image: Volume,
-    bundle: Bundle,
+    networks: Networks,
     *,
     overlap_z: int | None = None,
     window_batch_size: int = 1,
@@ -371,7 +297,7 @@ def predict_case(
 
     Args:
         image: CT in HU, (x, y, z), any geometry (oblique too).
-        bundle: the three loaded stages (``bundle.load_bundle``).
+        networks: the three stage networks (a loaded bundle, ``infer.bundle.load_bundle``).
         overlap_z: SCN window overlap in slices; None: 3/4 of the window (96 for the paper's
             128-slice windows; the reference docker used 64).
         window_batch_size: SCN windows per network call.
@@ -386,7 +312,7 @@ def predict_case(
     """
     result = predict_case_details(
         image,
-        bundle,
+        networks,
         overlap_z=overlap_z,
         window_batch_size=window_batch_size,
         seg_batch_size=seg_batch_size,
@@ -396,7 +322,7 @@ def predict_case(
 
 def predict_case_details(
     image: Volume,
-    bundle: Bundle,
+    networks: Networks,
     *,
     overlap_z: int | None = None,
     window_batch_size: int = 1,
@@ -410,8 +336,8 @@ def predict_case_details(
     Args:
         keep_probabilities: also return the fused per-voxel probability (float16); costs one
             resampling of every whole crop and a float32 array of the input's size.
-        margin_threshold: `label_confidence`'s flag threshold (margin per vertebra).
-        volumes: `prepare_case(image, bundle)` when already computed (then not computed again).
+        margin_threshold: `confidence.label_confidence`'s flag threshold (margin per vertebra).
+        volumes: `prepare_case(image, networks)` when already computed (then not computed again).
         Other arguments as `predict_case`.
 
     Raises:
@@ -420,12 +346,12 @@ def predict_case_details(
     times = {}
     tic = time.perf_counter()
     if volumes is None:
-        volumes = prepare_case(image, bundle)
+        volumes = prepare_case(image, networks)
     times["preprocessing"], tic = time.perf_counter() - tic, time.perf_counter()
-    spine_mm = predict_spine(volumes["spine"], bundle.spine)
+    spine_mm = predict_spine(volumes["spine"], networks.spine)
     times["spine"], tic = time.perf_counter() - tic, time.perf_counter()
     candidates, sequence = predict_landmark_sequence(
-        volumes["scn"], spine_mm, bundle.scn, overlap_z=overlap_z, batch_size=window_batch_size
+        volumes["scn"], spine_mm, networks.scn, overlap_z=overlap_z, batch_size=window_batch_size
     )
     points_mm, valid = sequence.points_mm, sequence.valid
     times["landmarks"], tic = time.perf_counter() - tic, time.perf_counter()
@@ -435,7 +361,7 @@ def predict_case_details(
         volumes["seg"],
         points_mm,
         valid,
-        bundle.seg,
+        networks.seg,
         image.geometry,
         batch_size=seg_batch_size,
         keep_low_probabilities=keep_probabilities,

@@ -201,39 +201,3 @@ def _run_windows(fn, column, true_z, *, window_z: int, stride: int, batch_size: 
         counts = counts[None, None, :, None]
         acc = jnp.where(counts > 0, acc / jnp.maximum(counts, 1), 0)
     return acc
-
-
-def whole_column(apply_fn, column, *, multiple: int = 32, pad_value: float = -1.0) -> jnp.ndarray:
-    """The fully convolutional network over the whole column at once (no windows).
-
-    The column is padded at its end with `pad_value` to a multiple of `multiple` slices (which must
-    be a multiple of the network's size divisor; it also buckets lengths for compilation), run in
-    one call, cropped back and clipped at 0 like the max merge of `sliding_window`. It computes
-    each voxel once instead of about window_z / stride times, but the network then sees more
-    context along z than in training: the landmarks move (up to 27 mm with the demo SCN on
-    held-out phantoms; `benchmarks/inference_speed.py --scn-export`), so the pipeline does not
-    use it; it is here for that measurement.
-
-    Args:
-        apply_fn: maps (1, x, y, Z', c) to (1, x, y, Z', k) for any Z' that is a multiple of
-            `multiple`.
-        column: (x, y, Z, c).
-        multiple: slice multiple of the padded length.
-        pad_value: value of the padded slices (normalised air -1 by default).
-
-    Returns:
-        (x, y, Z, k) float32, >= 0.
-    """
-    if column.ndim != 4:
-        raise ValueError(f"column must be (x, y, z, channels), got shape {column.shape}")
-    if int(multiple) != multiple or multiple < 1:
-        raise ValueError(f"multiple must be a positive integer, got {multiple!r}")
-    size_z = column.shape[2]
-    padded = -(-size_z // multiple) * multiple
-    x = jnp.pad(
-        jnp.asarray(column),
-        ((0, 0), (0, 0), (0, padded - size_z), (0, 0)),
-        constant_values=pad_value,
-    )
-    out = apply_fn(x[None])[0, :, :, :size_z]
-    return jnp.maximum(out, 0.0).astype(jnp.float32)

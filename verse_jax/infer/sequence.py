@@ -1,4 +1,4 @@
-"""Post-processing: landmark candidates, the anatomical label sequence, largest component, fusion.
+"""Landmark candidates and the anatomical label sequence of stage 2 (exact dynamic programme).
 
 The label sequence follows the reference's spine post-processing (docs/reference.md §5.7) but
 solves its exhaustive search exactly by dynamic programming over the landmark index, so it runs in
@@ -18,99 +18,12 @@ tests check the DP against `best_sequence_brute_force` (same objective and tie-b
 import functools
 import itertools
 from dataclasses import dataclass
-from typing import NamedTuple
 
-import jax
 import numpy as np
-import scipy.ndimage
 
-from verse_jax import stages
-from verse_jax.heatmaps import find_candidates
 from verse_jax.labels import T12_INDEX, T13_INDEX
 
 _NEG_INF = -np.inf
-_RULE = stages.SCN_PAPER.candidates  # defaults: the paper's rule at the paper's 2 mm
-
-
-class LandmarkCandidates(NamedTuple):
-    """Per-landmark candidate peaks: values (K, M), points_mm (K, M, 3) LPS mm, valid (K, M)."""
-
-    values: np.ndarray
-    points_mm: np.ndarray
-    valid: np.ndarray
-
-
-@functools.partial(
-    jax.jit, static_argnames=("max_candidates", "min_distance_vox", "min_max_value", "rel")
-)
-def _find_per_channel(heatmaps, *, max_candidates, min_distance_vox, min_max_value, rel):
-    find = functools.partial(
-        find_candidates,
-        max_candidates=max_candidates,
-        min_distance_vox=min_distance_vox,
-        min_max_value=min_max_value,
-        relative_threshold=rel,
-    )
-    return jax.vmap(find, in_axes=-1)(heatmaps)
-
-
-def landmark_candidates(
-    heatmaps,
-    geometry,
-    *,
-    max_candidates: int | None = _RULE.max_candidates,
-    min_distance_vox: float = _RULE.min_distance_mm / stages.SCN_PAPER.spacing_mm,
-    min_max_value: float = _RULE.min_max_value,
-    relative_threshold: float = _RULE.relative_threshold,
-) -> LandmarkCandidates:
-    """Candidate peaks of every heatmap channel, in physical mm.
-
-    Args:
-        heatmaps: `(x, y, z, K)` merged heatmaps on the grid `geometry`.
-        geometry: the heatmaps' grid (`verse_jax.geometry.Geometry`, duck-typed:
-            `index_to_physical`).
-        max_candidates: None keeps every candidate the rule finds, as the reference (the search
-            runs with M = 8, 16, 32, ... slots until some slot stays empty in every channel);
-            an int caps M.
-        min_distance_vox, min_max_value, relative_threshold: passed to
-            `verse_jax.heatmaps.find_candidates` (reference: 7 voxels, 0.25, 0.1).
-
-    Returns:
-        `LandmarkCandidates` with K landmarks and M slots; invalid points are 0.
-    """
-    if np.ndim(heatmaps) != 4:
-        raise ValueError(f"heatmaps must be (x, y, z, K), got shape {np.shape(heatmaps)}")
-    limit = int(np.prod(np.shape(heatmaps)[:3]))  # no more maxima than voxels
-    slots = min(8, limit) if max_candidates is None else int(max_candidates)
-    while True:
-        found = _find_per_channel(
-            heatmaps,
-            max_candidates=slots,
-            min_distance_vox=float(min_distance_vox),
-            min_max_value=float(min_max_value),
-            rel=float(relative_threshold),
-        )
-        full = bool(np.any(np.asarray(found.valid)[:, -1]))
-        if max_candidates is not None or not full or slots >= limit:
-            break
-        slots = min(2 * slots, limit)
-    valid = np.asarray(found.valid, bool)
-    points_mm = geometry.index_to_physical(np.asarray(found.points_vox, np.float64))
-    points_mm = np.where(valid[..., None], points_mm, 0.0)
-    values = np.where(valid, np.asarray(found.values, np.float64), 0.0)
-    return LandmarkCandidates(values, points_mm, valid)
-
-
-def column_z_range_mm(geometry) -> tuple[float, float]:
-    """(bottom, top) world z in mm of a column grid, as the reference measures its borders.
-
-    Bottom is the centre of slice 0, top is `bottom + size_z * spacing_z` (the reference's
-    `Z * spacing`). The grid's z index axis must point to world +z (superior).
-    """
-    if not np.allclose(np.asarray(geometry.matrix)[:, 2], (0.0, 0.0, 1.0), atol=1e-6):
-        raise ValueError(f"column z axis must point superior (+z), direction {geometry.direction}")
-    bottom = float(geometry.origin_mm[2])
-    return bottom, bottom + geometry.size[2] * float(geometry.spacing_mm[2])
 
 
 @dataclass(frozen=True)
@@ -297,6 +210,36 @@ def anatomical_order(values, valid, threshold: float = 0.25) -> np.ndarray:
     ).astype(np.int64)
 
 
+@dataclass(frozen=True)
+class SequenceRules:
+    """Thresholds and distances of `select_landmark_sequence` (the reference's values, §5.7).
+
+    Attributes:
+        min_value_longest_sequence: a landmark is in the longest run when its global maximum is
+            above this (also `anatomical_order`'s T13 threshold).
+        min_value_border_index: a global maximum near the column's top or bottom must reach this
+            to override the run's first or last landmark.
+        border_distance_mm: how near (mm) to the column's top or bottom that is (the reference's
+            15 voxels at 2 mm).
+        min_distance_mm, max_distance_mm: admissible distance of consecutive landmarks in the
+            sequence search (exclusive bounds, mm).
+        min_value_append: candidate value needed to extend the sequence at its ends.
+        min_distance_append_mm, max_distance_append_mm: admissible distance (mm) when extending.
+    """
+
+    min_value_longest_sequence: float = 0.25
+    min_value_border_index: float = 0.5
+    border_distance_mm: float = 30.0
+    min_distance_mm: float = 12.5
+    max_distance_mm: float = 50.0
+    min_value_append: float = 0.25
+    min_distance_append_mm: float = 15.0
+    max_distance_append_mm: float = 35.0
+
+
+SEQUENCE_RULES = SequenceRules()
+
+
 def select_landmark_sequence(
     values,
     points_mm,
@@ -304,14 +247,7 @@ def select_landmark_sequence(
     z_range_mm: tuple[float, float],
     *,
     order=None,
-    min_landmark_value_for_longest_sequence: float = 0.25,
-    min_landmark_value_for_best_border_index: float = 0.5,
-    border_distance_for_best_index_mm: float = 30.0,
-    min_valid_distance: float = 12.5,
-    max_valid_distance: float = 50.0,
-    min_landmark_value_for_front_back_append: float = 0.25,
-    min_valid_distance_for_front_back_append: float = 15.0,
-    max_valid_distance_for_front_back_append: float = 35.0,
+    rules: SequenceRules = SEQUENCE_RULES,
     search=best_sequence_dp,
 ) -> LandmarkSequence:
     """The reference's anatomical label sequence (docs/reference.md §5.7), solved exactly.
@@ -333,22 +269,22 @@ def select_landmark_sequence(
         values, points_mm, valid: candidates (K, M), (K, M, 3) LPS mm, (K, M); slot 0 = global max.
         z_range_mm: (bottom, top) world z of the column (`column_z_range_mm`).
         order: landmark indices from top to bottom; None: `anatomical_order(values, valid)`.
-        border_distance_for_best_index_mm: the reference's 15 voxels at 2 mm.
+        rules: the thresholds and distances of the steps (`SequenceRules`; default the reference's).
         search: `best_sequence_dp` or `best_sequence_brute_force`.
-        Other keyword arguments: the reference's names and defaults (distances in mm).
     """
+    r = rules
     values, points_mm, valid = _as_candidate_arrays(values, points_mm, valid)
     num_landmarks = values.shape[0]
     if order is None:
-        order = anatomical_order(values, valid, min_landmark_value_for_longest_sequence)
+        order = anatomical_order(values, valid, r.min_value_longest_sequence)
     order = np.asarray(order, np.int64)
     values, points_mm, valid = values[order], points_mm[order], valid[order]
     has_max = valid[:, 0]
     global_values = np.where(has_max, values[:, 0], _NEG_INF)
     global_z = np.where(has_max, points_mm[:, 0, 2], np.nan)
-    first, last = _longest_run(global_values, min_landmark_value_for_longest_sequence)
+    first, last = _longest_run(global_values, r.min_value_longest_sequence)
     bottom, top = z_range_mm
-    border, min_border = border_distance_for_best_index_mm, min_landmark_value_for_best_border_index
+    border, min_border = r.border_distance_mm, r.min_value_border_index
     top_index = _best_in_z_range(global_values, global_z, top - border, top, min_border)
     bottom_index = _best_in_z_range(global_values, global_z, bottom, bottom + border, min_border)
     first = top_index if top_index > -1 else first
@@ -364,15 +300,15 @@ def select_landmark_sequence(
         values[span],
         points_mm[span],
         valid[span],
-        min_valid_distance=min_valid_distance,
-        max_valid_distance=max_valid_distance,
+        min_valid_distance=r.min_distance_mm,
+        max_valid_distance=r.max_distance_mm,
     )
     mode = "sequence" if slots is not None else "range_maxima"
     choice[span] = slots if slots is not None else np.where(has_max[span], 0, -1)
     append = (
-        min_valid_distance_for_front_back_append,
-        max_valid_distance_for_front_back_append,
-        min_landmark_value_for_front_back_append,
+        r.min_distance_append_mm,
+        r.max_distance_append_mm,
+        r.min_value_append,
     )
     first = _extend(choice, values, points_mm, valid, first, -1, *append)
     last = _extend(choice, values, points_mm, valid, last, 1, *append)
@@ -404,86 +340,3 @@ def _sequence(choice, values, points_mm, first, last, mode) -> LandmarkSequence:
         last=int(last),
         mode=mode,
     )
-
-
-def largest_component(prob, threshold: float = 0.5) -> np.ndarray:
-    """Keeps the largest 18-connected component of `prob > threshold` (reference section 6.4).
-
-    Voxels above the threshold outside that component are set to 0; all others keep their value.
-    Of equally large components the first in index order is kept.
-
-    Args:
-        prob: `(x, y, z)` probabilities.
-        threshold: foreground threshold (strictly greater).
-
-    Returns:
-        `(x, y, z)` numpy array, dtype of `prob`.
-    """
-    prob = np.array(prob)
-    if prob.ndim != 3:
-        raise ValueError(f"prob must be a 3-D (x, y, z) array, got shape {prob.shape}")
-    foreground = prob > threshold
-    structure = scipy.ndimage.generate_binary_structure(3, 2)  # 3x3x3 minus corners: 18-neighbours
-    components, count = scipy.ndimage.label(foreground, structure=structure)
-    if count <= 1:
-        return prob
-    sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
-    keep = 1 + int(np.argmax(sizes))
-    prob[foreground & (components != keep)] = 0
-    return prob
-
-
-class LabelFusion:
-    """Running per-voxel best (probability, label) pair: a multi-label map without (X, Y, Z, 26).
-
-    Starts at probability 0.5, label 0 (background). `add` replaces a voxel's pair where the new
-    probability is strictly greater, so adding labels in increasing order reproduces the
-    reference's argmax over [0.5, p_1, ..., p_K] with ties to the lowest index (and background
-    wherever no probability exceeds 0.5). With another order, ties go to the label added first.
-    Probabilities are compared in float32 (the reference stored float16).
-
-    With `keep_low_probabilities`, `best_prob` starts at 0 and holds the highest vertebra
-    probability of every voxel, also where it is <= 0.5 (background); a label is set only where
-    its probability is > 0.5, so the labels are the same as without it.
-
-    Args:
-        shape: `(x, y, z)` size of the full grid.
-        keep_low_probabilities: track probabilities below the background's 0.5 too.
-    """
-
-    def __init__(self, shape, *, keep_low_probabilities: bool = False):
-        shape = tuple(int(s) for s in shape)
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"fusion grid shape must be 3 positive sizes (x, y, z), got {shape}")
-        self.best_prob = np.full(shape, 0.0 if keep_low_probabilities else 0.5, np.float32)
-        self.best_label = np.zeros(shape, np.uint16)
-
-    def add(self, label: int, prob, offset=(0, 0, 0)) -> None:
-        """Fuses one vertebra's probabilities `prob (x, y, z)` placed at voxel `offset` of the grid.
-
-        The box may reach outside the grid (a crop at the scan's edge); only the overlap counts.
-        """
-        if not 0 < int(label) < 2**16:
-            raise ValueError(f"label must be in 1..65535, got {label}")
-        prob = np.asarray(prob, np.float32)
-        if prob.ndim != 3 or len(offset) != 3:
-            raise ValueError(
-                f"prob must be (x, y, z) with a 3-D offset, got {prob.shape}, {offset}"
-            )
-        grid, local = [], []
-        for start, size, full in zip(offset, prob.shape, self.best_prob.shape, strict=True):
-            low, high = max(int(start), 0), min(int(start) + size, full)
-            if low >= high:
-                return
-            grid.append(slice(low, high))
-            local.append(slice(low - int(start), high - int(start)))
-        grid, local = tuple(grid), tuple(local)
-        better = prob[local] > self.best_prob[grid]
-        self.best_prob[grid] = np.where(better, prob[local], self.best_prob[grid])
-        wins = better & (prob[local] > 0.5)  # == better unless low probabilities are kept
-        self.best_label[grid] = np.where(wins, np.uint16(label), self.best_label[grid])
-
-    @property
-    def labels(self) -> np.ndarray:
-        """`(x, y, z)` uint16 fused label map (0 = background)."""
-        return self.best_label

@@ -13,7 +13,7 @@ crop centre ``C + f`` of reference §3.4, in box voxels) is not random and is gi
 
 ``sample_params`` draws on the host with numpy; ``identity_params`` gives the identity. The
 ``apply_*`` functions act on one sample, are jit-able with static shapes, and are vmapped over the
-batch by the caller (``verse_jax.samples``).
+batch by the caller (``verse_jax.data.samples``).
 """
 
 import dataclasses

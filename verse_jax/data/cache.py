@@ -12,15 +12,13 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from verse_jax import io, preprocessing
 from verse_jax.geometry import Geometry, Volume
+from verse_jax.io.files import atomic_directory
 from verse_jax.stages import StageSpec, mask_margin_slices
 
 logger = logging.getLogger(__name__)
@@ -119,20 +117,11 @@ def build_stage_case(case: io.Case, spec: StageSpec, cache_dir) -> Path:
     target = cache_path(case, spec, cache_dir)
     if (target / "meta.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     arrays, meta = _compute_arrays(case, spec)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_directory(target, complete="meta.json") as tmp:
         for name, array in arrays.items():
             np.save(tmp / f"{name}.npy", array)
         (tmp / "meta.json").write_text(json.dumps(meta))
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / "meta.json").is_file():  # not a lost race with another writer
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("cached %s stage %s at %s", case.case_id, spec.name, target)
     return target
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from verse_jax import __version__
 from verse_jax.geometry import Volume
+from verse_jax.io.files import atomic_path
 from verse_jax.labels import VERTEBRA_NAMES, label_colors, vertebra_name
 
 _VERTEBRA = ("51282000", "SCT", "Vertebra")
@@ -112,13 +113,8 @@ def write_dicom_seg(path, mask: Volume, source_datasets: list) -> Path:
     except (ValueError, AttributeError) as error:  # highdicom names the missing attribute
         raise ValueError(f"{path}: cannot make a DICOM-SEG of this series ({error})") from error
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as temporary:
         seg.save_as(temporary)
-        temporary.replace(path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
     return path
 
 

@@ -1,6 +1,6 @@
 """Synthetic spine CT phantoms with VerSe masks and centroids: the embedded default data set.
 
-A phantom is drawn from a seed: a spine (``verse_jax.anatomy``: curvature, sizes, occasionally L6
+A phantom is drawn from a seed: a spine (``anatomy``: curvature, sizes, occasionally L6
 or T13) inside a body with fat, soft tissue, lungs, vessels and bowel gas, and an acquisition
 (field of view, spacing, orientation including oblique directions, noise). The anatomy is built
 from implicit shapes in physical LPS mm and evaluated at the physical position of every voxel of
@@ -9,24 +9,16 @@ about one voxel. Masks hold VerSe ids of whole vertebrae (ribs, discs, sacrum un
 centroids are vertebral-body centres (C1: centre of its ring).
 """
 
-import json
-import logging
-import os
-import shutil
-import time
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from verse_jax import anatomy
 from verse_jax.geometry import Geometry, Volume, codes_to_axes
-from verse_jax.io import Centroids, write_centroids, write_mask, write_volume
+from verse_jax.io.centroids import Centroids
 from verse_jax.labels import T13
-
-logger = logging.getLogger(__name__)
+from verse_jax.phantoms import anatomy
+from verse_jax.phantoms import shapes as shape_lib
 
 FIELDS_OF_VIEW = ("cervical", "cervicothoracic", "thoracic", "thoracolumbar", "lumbar", "whole")
 # Version 2: cervical fields of view more often (42 % of cases show C1-C7 instead of 30 %): with
@@ -140,7 +132,7 @@ def _grid(rng, spine, fov, spacing_mm, orientation, max_voxels) -> Geometry:
     return Geometry(tuple(size), tuple(spacing), tuple(origin), tuple(matrix.reshape(-1)))
 
 
-def _box_coordinates(geometry: Geometry, shape: anatomy.Shape, margin: float):
+def _box_coordinates(geometry: Geometry, shape: shape_lib.Shape, margin: float):
     """Index box (slices) of the grid around a shape, and its voxels' local (u, v, w) in mm."""
     index = geometry.physical_to_index(shape.corners_mm(margin))
     lo = np.maximum(np.floor(index.min(axis=0)).astype(int), 0)
@@ -228,7 +220,7 @@ def _render(shapes, spine, geometry, hu, rng) -> tuple[np.ndarray, np.ndarray]:
         box, local = _box_coordinates(geometry, shape, width + 1.0)
         if box is None:
             continue
-        sdf = anatomy.signed_distance(shape, *local)
+        sdf = shape_lib.signed_distance(shape, *local)
         if shape.tissue != "bone":
             image[box] += _ramp(sdf, width) * (shape.hu - image[box])
             continue
@@ -370,15 +362,15 @@ def generate_phantom(
         grid_rng, spine, fov or fov_draw, spacing_mm, orientation or orientation_draw, max_voxels
     )
     hu = _sample_intensities(hu_rng)
-    shapes = anatomy.abdominal_organ_shapes(spine, hu) + anatomy.soft_organ_shapes(
+    shapes = shape_lib.abdominal_organ_shapes(spine, hu) + shape_lib.soft_organ_shapes(
         spine, hu_rng, hu
     )
-    shapes += anatomy.disc_shapes(spine, hu["disc"])
-    shapes += [anatomy.skull_shape(spine), *anatomy.pelvis_shapes(spine)]
+    shapes += shape_lib.disc_shapes(spine, hu["disc"])
+    shapes += [shape_lib.skull_shape(spine), *shape_lib.pelvis_shapes(spine)]
     for vert in spine.vertebrae:
-        shapes += anatomy.vertebra_shapes(vert)
+        shapes += shape_lib.vertebra_shapes(vert)
         if vert.has_ribs:
-            shapes += anatomy.rib_shapes(vert)
+            shapes += shape_lib.rib_shapes(vert)
     image, labels = _render(shapes, spine, geometry, hu, noise_rng)
     sigma = noise_rng.uniform(5, 35) if noise_hu is None else float(noise_hu)
     image += _noise(noise_rng, image.shape, sigma)
@@ -389,107 +381,3 @@ def generate_phantom(
 
 # ---------------------------------------------------------------------------------------------
 # Data sets
-
-
-def case_seed(seed: int, index: int) -> int:
-    """Seed of case ``index`` of a data set drawn with ``seed`` (independent streams)."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
-
-
-def split_cases(case_ids: list[str], seed: int = 0) -> dict[str, list[str]]:
-    """Shuffle case ids into train/val/test (about 70/15/15; >= 1 val and test from 3 cases)."""
-    ids = [case_ids[i] for i in np.random.default_rng(int(seed)).permutation(len(case_ids))]
-    held_out = max(1, round(0.15 * len(ids))) if len(ids) >= 3 else 0
-    return {
-        "train": sorted(ids[2 * held_out :]),
-        "val": sorted(ids[:held_out]),
-        "test": sorted(ids[held_out : 2 * held_out]),
-    }
-
-
-def write_phantom_dataset(
-    out_dir, num_cases: int, seed: int = 0, *, max_voxels: int = DEFAULT_MAX_VOXELS
-) -> list[str]:
-    """Write ``num_cases`` phantoms in the BIDS VerSe layout plus ``splits.json``.
-
-    Layout: ``rawdata/sub-<id>/sub-<id>_ct.nii.gz``, ``derivatives/sub-<id>/sub-<id>_seg-vert_msk
-    .nii.gz`` and ``derivatives/sub-<id>/sub-<id>_seg-subreg_ctd.json`` with ids ``phantom000``,
-    ``phantom001``, ...; case i is ``generate_phantom(case_seed(seed, i), max_voxels=...)``.
-
-    Returns:
-        The case ids, in order.
-    """
-    if int(num_cases) < 1:
-        raise ValueError(f"num_cases must be >= 1, got {num_cases}")
-    out = Path(out_dir)
-    case_ids = [f"phantom{i:03d}" for i in range(int(num_cases))]
-    for i, case_id in enumerate(case_ids):
-        start = time.perf_counter()
-        phantom = generate_phantom(case_seed(seed, i), max_voxels=max_voxels)
-        raw, derived = out / "rawdata" / f"sub-{case_id}", out / "derivatives" / f"sub-{case_id}"
-        raw.mkdir(parents=True, exist_ok=True)
-        derived.mkdir(parents=True, exist_ok=True)
-        write_volume(raw / f"sub-{case_id}_ct.nii.gz", phantom.image)
-        write_mask(derived / f"sub-{case_id}_seg-vert_msk.nii.gz", phantom.mask)
-        write_centroids(
-            derived / f"sub-{case_id}_seg-subreg_ctd.json", phantom.centroids, phantom.mask.geometry
-        )
-        logger.info(
-            "phantom %d/%d %s: %s voxels, %d vertebrae, %.1f s",
-            i + 1,
-            len(case_ids),
-            case_id,
-            "x".join(map(str, phantom.image.geometry.size)),
-            len(phantom.centroids.labels),
-            time.perf_counter() - start,
-        )
-    splits_path = out / "splits.json"
-    temporary = out / f".splits.json.{uuid.uuid4().hex}.tmp"
-    temporary.write_text(json.dumps(split_cases(case_ids, seed), indent=1) + "\n")
-    os.replace(temporary, splits_path)
-    return case_ids
-
-
-def default_dataset(
-    cache_dir=None,
-    num_cases: int = DEFAULT_NUM_CASES,
-    seed: int = 0,
-    *,
-    max_voxels: int = DEFAULT_MAX_VOXELS,
-) -> Path:
-    """The default phantom data set, generated once (atomically) into a cache folder.
-
-    Args:
-        cache_dir: folder of the data set; default ``~/.cache/verse-jax/phantoms-v<version>-
-            <num_cases>-<seed>`` (``PHANTOM_VERSION``).
-        num_cases: number of cases (default 32: about 1 CPU minute, 2-3 minutes on a busy
-            2-core machine, 260 MB).
-        seed: data set seed.
-        max_voxels: voxel budget per case (see ``generate_phantom``).
-
-    Returns:
-        The folder (BIDS layout + ``splits.json``, readable with ``verse_jax.io.find_cases``).
-    """
-    if cache_dir is None:
-        name = f"phantoms-v{PHANTOM_VERSION}-{num_cases}-{seed}"
-        if max_voxels != DEFAULT_MAX_VOXELS:
-            name += f"-{max_voxels}"
-        cache_dir = Path.home() / ".cache" / "verse-jax" / name
-    path = Path(cache_dir)
-    if (path / "splits.json").is_file():
-        return path
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ValueError(f"{path} exists but is not a complete phantom data set (no splits.json)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    logger.info("generating %d phantoms into %s", num_cases, path)
-    try:
-        write_phantom_dataset(temporary, num_cases, seed, max_voxels=max_voxels)
-        try:
-            os.replace(temporary, path)
-        except OSError:
-            if not (path / "splits.json").is_file():  # not a concurrent writer that won
-                raise
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-    return path

@@ -1,9 +1,12 @@
 """Checkpoints of the train state and the data iterator's position, through orbax.
 
-A checkpoint at step N holds the `TrainState` (params, sigmas, optimizer state, step) and the JSON
+A checkpoint at step N holds the `TrainState` (params, sigmas, optimizer state, step) and the
 state of the Grain iterator after it yielded N batches, so a run killed at any moment and restarted
-from the latest checkpoint continues the same batch sequence. Orbax writes each step to a
-temporary folder and renames it when complete; a half-written checkpoint is never restored.
+from the latest checkpoint continues the same batch sequence. The iterator is saved with Grain's
+own orbax handler (`grain.checkpoint.CheckpointSave` / `CheckpointRestore`): every process writes
+its own `data/process_<i>-of-<n>.json`, so a multi-host run restores each process's position in
+its shard. Orbax writes each step to a temporary folder and renames it when complete; a
+half-written checkpoint is never restored.
 
 With `rank_fn`, checkpoints saved with validation metrics are also ranked (orbax's `best_fn` and a
 `preservation_policy`): the newest `max_to_keep` checkpoints are kept as usual, and so is the best
@@ -14,36 +17,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
 
-def _encode_data_state(data_state) -> dict:
-    """Grain iterator state (dict for datasets, bytes for `DataLoader`) -> JSON-able dict."""
-    if data_state is None:
-        return {"kind": "none"}
-    if isinstance(data_state, bytes):
-        return {"kind": "bytes", "value": data_state.decode("utf-8")}
-    if isinstance(data_state, dict):
-        return {"kind": "dict", "value": data_state}
-    raise ValueError(f"cannot checkpoint a data iterator state of type {type(data_state).__name__}")
-
-
-def _decode_data_state(record: dict):
-    kind = record.get("kind")
-    if kind == "none":
-        return None
-    if kind == "bytes":
-        return record["value"].encode("utf-8")
-    if kind == "dict":
-        return record["value"]
-    raise ValueError(f"checkpoint data state has unknown kind {kind!r}")
-
-
 class Checkpointer:
-    """Saves and restores `(TrainState, data iterator state)` pairs in `directory/<step>/`.
+    """Saves and restores `(TrainState, data iterator position)` pairs in `directory/<step>/`.
 
     Args:
         directory: folder of the checkpoints (created if missing), e.g. `<workdir>/checkpoints`.
@@ -87,39 +69,43 @@ class Checkpointer:
             return None
         return self._manager.best_step()
 
-    def save(self, state, data_state=None, metrics: dict | None = None) -> None:
-        """Saves `state` (a TrainState) under its own step with the iterator's `get_state()`.
+    def save(self, state, iterator, metrics: dict | None = None) -> None:
+        """Saves `state` (a TrainState) under its own step with the Grain `iterator`'s position.
 
-        `metrics` (JSON-able dict, ranked by `rank_fn`) is stored with the checkpoint when given.
+        Args:
+            state: the train state.
+            iterator: this process's Grain iterator (its state is taken now, synchronously).
+            metrics: JSON-able dict ranked by `rank_fn`, stored with the checkpoint when given.
         """
         step = int(jax.device_get(state.step))
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(_encode_data_state(data_state)),
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)
         )
         self._manager.save(step, args=args, force=True, metrics=metrics if self._ranked else None)
         log.info("checkpoint at step %d -> %s", step, self.directory)
 
-    def restore(self, abstract_state, step: int | None = None) -> tuple[Any, Any]:
-        """Restores the checkpoint `step` (default: latest) into `abstract_state`'s structure.
+    def restore(self, abstract_state, iterator, step: int | None = None) -> Any:
+        """Restores the checkpoint `step` (default: latest): the state, and `iterator`'s position.
 
         Args:
             abstract_state: `jax.ShapeDtypeStruct` tree of the TrainState (`jax.eval_shape` of
                 the initialiser), with shardings where the arrays should land.
+            iterator: this process's Grain iterator; set to the position this process saved.
             step: which checkpoint; None for the newest.
 
         Returns:
-            `(state, data_state)`; data_state is what the iterator's `get_state()` returned.
+            The restored state.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise ValueError(f"no checkpoint to restore in {self.directory}")
         args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(iterator),
         )
         restored = self._manager.restore(step, args=args)
         log.info("restored checkpoint of step %d from %s", step, self.directory)
-        return restored["state"], _decode_data_state(restored["data"])
+        return restored["state"]
 
     def wait(self) -> None:
         """Blocks until background writes are finished."""

@@ -12,92 +12,15 @@ item whose ``example_mask`` is False.
 """
 
 import dataclasses
-import json
-from pathlib import Path
 
 import grain
 import numpy as np
 from absl import flags
 
-from verse_jax import io, samples
-from verse_jax.stage_cache import load_stage_case, prepare_stage_cases
+from verse_jax import io
+from verse_jax.data import samples
+from verse_jax.data.cache import load_stage_case, prepare_stage_cases
 from verse_jax.stages import StageSpec
-
-NUM_FOLDS = 3
-_FOLD_SEED = 0
-
-
-def read_fold_file(path) -> dict[int, dict[str, list[str]]]:
-    """A fixed cross-validation split: ``{"0": {"train": [ids], "val": [ids]}, "1": ..., ...}``.
-
-    Lets a user reproduce given folds (e.g. the original's ``setup/cv/<fold>/{train,val}.txt``
-    lists) instead of the seeded random split. ValueError naming the file otherwise.
-    """
-    path = Path(path)
-    try:
-        folds = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: cannot read the fold file ({error})") from error
-    out = {}
-    if not isinstance(folds, dict) or not folds:
-        raise ValueError(f'{path}: expected {{"0": {{"train": [...], "val": [...]}}, ...}}')
-    for key, parts in folds.items():
-        ok = isinstance(parts, dict) and set(parts) == {"train", "val"}
-        if not (key.isdigit() and ok and all(isinstance(v, list) for v in parts.values())):
-            raise ValueError(
-                f"{path}: fold {key!r} must be a digit key with 'train' and 'val' lists"
-            )
-        overlap = sorted(set(parts["train"]) & set(parts["val"]))
-        if overlap:
-            raise ValueError(f"{path}: fold {key} has cases in both train and val: {overlap}")
-        out[int(key)] = {name: [str(i) for i in ids] for name, ids in parts.items()}
-    return out
-
-
-def select_case_ids(
-    root, *, split: str | None = None, fold=None, part: str = "train", fold_file=None
-) -> list[str]:
-    """Case ids of a split, optionally one part of a 3-fold cross-validation inside it.
-
-    Args:
-        root: data set folder (``io.find_cases`` layouts; ``splits.json`` when ``split`` is given).
-        split: a key of ``root/splits.json`` ("train", "val", "test"), or None for all cases.
-        fold: None (the whole split), 0, 1, 2 (cross-validation fold) or "all" (the whole split as
-            training data, nothing held out). Folds: the sorted ids, permuted with a fixed seed,
-            every third id from position ``fold`` is held out.
-        part: "train" or "val" part of the fold.
-        fold_file: a fixed split (``read_fold_file``) used for an integer ``fold`` instead of the
-            seeded one; its ids must be cases of ``root`` (and of ``split``, if given).
-    """
-    ids = [case.case_id for case in io.find_cases(root)]
-    if split is not None:
-        splits = io.read_splits(root)
-        if split not in splits:
-            raise ValueError(f"{root}/splits.json: no split {split!r} (has {sorted(splits)})")
-        known = set(ids)
-        missing = [i for i in splits[split] if i not in known]
-        if missing:
-            raise ValueError(f"{root}/splits.json: split {split!r} names unknown cases {missing}")
-        ids = sorted(splits[split])
-    if part not in ("train", "val"):
-        raise ValueError(f"part must be 'train' or 'val', got {part!r}")
-    if fold is None or fold == "all":
-        return ids if part == "train" or fold is None else []
-    if fold_file is not None:
-        folds = read_fold_file(fold_file)
-        if fold not in folds:
-            raise ValueError(f"{fold_file}: no fold {fold!r} (has {sorted(folds)})")
-        unknown = sorted(set(folds[fold][part]) - set(ids))
-        if unknown:
-            raise ValueError(
-                f"{fold_file}: fold {fold} {part} names cases not in the data {unknown}"
-            )
-        return sorted(folds[fold][part])
-    if fold not in range(NUM_FOLDS):
-        raise ValueError(f"fold must be None, 'all' or 0..{NUM_FOLDS - 1}, got {fold!r}")
-    order = np.random.default_rng(_FOLD_SEED).permutation(len(ids))
-    held_out = {ids[i] for i in order[fold::NUM_FOLDS]}
-    return [i for i in ids if (i in held_out) == (part == "val")]
 
 
 @dataclasses.dataclass(frozen=True)

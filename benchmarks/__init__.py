@@ -1,0 +1,1 @@
+"""Speed and memory measurements of verse-jax (``python benchmarks/<name>.py``; README)."""
