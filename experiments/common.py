@@ -97,7 +97,7 @@ def eval_batches(ctx: Context, *, batch_size: int = 1) -> list[dict]:
     dataset = data_pipeline.make_eval_dataset(
         ctx.root, ids, ctx.spec, cache_dir=ctx.cache_dir, batch_size=batch_size
     )
-    transform = jax.jit(samples.make_device_transform(ctx.spec))
+    transform = jax.jit(samples.make_device_transform(ctx.spec, train=False))
     return [replicated(transform(batch), ctx) for batch in dataset]
 
 

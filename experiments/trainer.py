@@ -82,6 +82,7 @@ _SPEC_FIELDS = (
     "heatmap_sigma_vox",
     "mask_margin_rule",
     "window_pad_value",
+    "target_smoothing_vox",
 )
 
 

@@ -257,3 +257,23 @@ def test_eval_dataset_is_identity_and_padded(dataset_root, cache_dir):
     np.testing.assert_allclose(
         batch["landmarks_vox"][0][cached.valid], cached.landmarks_vox[cached.valid] - 1, atol=1e-4
     )
+
+
+def test_seg_validation_label_is_the_ground_truth_not_the_smoothed_target(dataset_root, cache_dir):
+    spec = SPECS["seg"]  # target_smoothing_vox 1 (the training target rounds the blocks' corners)
+    assert spec.target_smoothing_vox == 1.0
+    batches = list(
+        data_pipeline.make_eval_dataset(
+            dataset_root, ["case3"], spec, cache_dir=cache_dir, batch_size=2
+        )
+    )
+
+    def label(transform_spec, train):
+        transform = jax.jit(samples.make_device_transform(transform_spec, train=train))
+        return np.concatenate([np.asarray(transform(b)["label"]) for b in batches])
+
+    validation = label(spec, train=False)
+    unsmoothed = label(dataclasses.replace(spec, target_smoothing_vox=0.0), train=True)
+    smoothed = label(spec, train=True)
+    np.testing.assert_array_equal(validation, unsmoothed)
+    assert validation.sum() > 0 and not np.array_equal(validation, smoothed)

@@ -164,7 +164,7 @@ def network_input(spec: StageSpec, raw: dict, crop_size=None):
     return image, grid
 
 
-def _transform_one(spec: StageSpec, raw: dict) -> dict:
+def _transform_one(spec: StageSpec, raw: dict, train: bool = True) -> dict:
     params = aug.AugmentParams(**raw["params"])
     s = spec.spacing_mm
     image, grid = network_input(spec, raw)
@@ -178,7 +178,9 @@ def _transform_one(spec: StageSpec, raw: dict) -> dict:
         out["mask"] = aug.apply_nearest(raw["mask"], grid)[..., None]
     if spec.name == "seg":
         labels = aug.apply_nearest(raw["label"], grid).astype(jnp.int32)
-        target = segmentation_target(labels, raw["label_id"], spec.target_smoothing_vox)
+        # Evaluation scores against the ground-truth label; the smoothing is training-only.
+        sigma = spec.target_smoothing_vox if train else 0.0
+        target = segmentation_target(labels, raw["label_id"], sigma)
         out["label"] = target.astype(jnp.float32)[..., None]
     return out
 
@@ -236,17 +238,20 @@ def prediction_input(
     return x, center - (np.asarray(crop_size, np.float64) - 1) / 2
 
 
-def make_device_transform(spec: StageSpec):
+def make_device_transform(spec: StageSpec, *, train: bool = True):
     """Returns the jit-able ``fn(raw_batch) -> batch`` of a stage (vmapped over the batch).
 
     The same function serves training (random parameters in the raw batch) and evaluation
-    (identity parameters); shapes are static given the raw batch's shapes. Output (B leading):
+    (identity parameters); shapes are static given the raw batch's shapes. With ``train=False``
+    (validation) the "seg" label is the ground-truth crop, not the smoothed training target
+    (``StageSpec.target_smoothing_vox``): validation scores what prediction is judged on.
+    Output (B leading):
     "spine": image (B, x, y, z, 1), landmarks_vox (B, K, 3), valid (B, K) bool;
     "scn": the same plus mask (B, x, y, z, 1); "seg": image (B, x, y, z, 2) (CT, centroid
     Gaussian with peak 1), label (B, x, y, z, 1) in {0, 1}; all with example_mask (B,) bool.
     """
 
     def transform(raw_batch: dict) -> dict:
-        return jax.vmap(lambda raw: _transform_one(spec, raw))(raw_batch)
+        return jax.vmap(lambda raw: _transform_one(spec, raw, train))(raw_batch)
 
     return transform
