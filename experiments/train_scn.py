@@ -52,14 +52,17 @@ def make_evaluate(ctx: common.Context):
 def make_stage(config) -> trainer.Stage:
     """The stage of `config` (experiments/configs/scn.py): network, loss, validation."""
     o = config.optim
+    network = {
+        "num_landmarks": config.data.num_landmarks,
+        "preset": config.model.preset,
+        "conv_impl": config.model.conv_impl,
+        "head_init_std": config.model.head_init_std,
+    }
+    if config.model.spatial_downsample:  # 0: the preset's
+        network["spatial_downsample"] = config.model.spatial_downsample
     return trainer.Stage(
         factory=stages.FACTORIES["scn"],
-        factory_kwargs={
-            "num_landmarks": config.data.num_landmarks,
-            "preset": config.model.preset,
-            "conv_impl": config.model.conv_impl,
-            "head_init_std": config.model.head_init_std,
-        },
+        factory_kwargs=network,
         make_loss=lambda apply: stage_losses.make_scn_loss(
             apply, weight_decay=o.weight_decay, sigma_weight=o.sigma_weight, scale=o.heatmap_scale
         ),

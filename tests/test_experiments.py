@@ -238,6 +238,17 @@ def test_presets(stage):
         paper.optim.lr_typo = 1.0  # locked: misspelt overrides fail
 
 
+def test_scn_spatial_downsample_from_the_config():
+    config = scn.get_config("demo")
+    default = train_scn.make_stage(config)
+    assert "spatial_downsample" not in default.factory_kwargs  # the preset's, as the paper: 4
+    assert bundle.build_model(default.factory, default.factory_kwargs).spatial_downsample == 4
+    config.unlock()
+    config.model.spatial_downsample = 2
+    stage = train_scn.make_stage(config)
+    assert bundle.build_model(stage.factory, stage.factory_kwargs).spatial_downsample == 2
+
+
 def test_batch_size_not_divisible_is_a_clear_error(phantom_root, tmp_path):
     config = _smoke_config("spine", phantom_root, batch_size=0)
     with pytest.raises(ValueError, match="multiple of the number of devices"):

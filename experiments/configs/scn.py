@@ -32,6 +32,8 @@ def get_config(arg=None):
     # Both heads start near 0 (paper: truncated normal 0.001), so their product starts at a
     # saddle that SGD leaves only after thousands of steps; the demo starts further out.
     c.model.head_init_std = 0.001
+    # Average-pooling factor of the spatial-configuration branch; 0: the preset's (4, as the paper).
+    c.model.spatial_downsample = 0
     # Landmark mask margin at the scan's z ends (verse_jax.stages.StageSpec.mask_margin_rule).
     c.data.mask_margin_rule = stages.SCN_PAPER.mask_margin_rule
     # Normalised value padding columns shorter than a window (StageSpec.window_pad_value).
