@@ -16,7 +16,8 @@ from verse_jax.infer import sequence as sequence_lib
 from verse_jax.labels import vertebra_name
 
 highdicom = pytest.importorskip("highdicom")
-dicom_seg = pytest.importorskip("verse_jax.dicom_seg")
+# Our module itself must import (a wrong path here once skipped this whole file silently).
+from verse_jax.io import dicom_seg  # noqa: E402
 
 _UID = "1.2.826.0.1.3680043.2.1125.1.777"
 
