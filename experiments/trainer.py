@@ -208,6 +208,7 @@ def create_trainer(config, stage, *, mesh=None, train_ids=None) -> Trainer:
         num_workers=config.data.worker_count,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
+        balance_landmarks=config.data.balance_landmarks,
     )
     step = train_state.make_train_step(
         stage.make_loss(model.apply),

@@ -163,3 +163,5 @@ def test_phantoms_command_arguments(monkeypatch, tmp_path):
     )
     assert main(["phantoms", str(tmp_path), "--cases", "3", "--seed", "7"]) == 0
     assert calls == [(str(tmp_path), 3, 7, {})]
+    assert main(["phantoms", str(tmp_path), "--cases", "8", "--workers", "2"]) == 0
+    assert calls[-1] == (str(tmp_path), 8, 0, {"workers": 2})

@@ -277,3 +277,61 @@ def test_seg_validation_label_is_the_ground_truth_not_the_smoothed_target(datase
     smoothed = label(spec, train=True)
     np.testing.assert_array_equal(validation, unsmoothed)
     assert validation.sum() > 0 and not np.array_equal(validation, smoothed)
+
+
+def test_landmark_balance_repeats_exact():
+    # Landmark counts over 6 cases: a in 6, b in 4, c in 2, d in 1 -> median 3 over held ones.
+    valid = np.array(
+        [
+            [1, 1, 1, 1, 0],
+            [1, 1, 1, 0, 0],
+            [1, 1, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [1, 0, 0, 0, 0],
+            [1, 0, 0, 0, 0],
+        ],
+        bool,
+    )
+    # rarity: a 3/6, b 3/4, c 3/2, d 3/1 (column e held by none: ignored)
+    repeats = data_pipeline.landmark_balance_repeats(valid, max_repeats=5)
+    np.testing.assert_array_equal(repeats, [3, 2, 1, 1, 1, 1])  # round(3), round(1.5), ...
+    np.testing.assert_array_equal(
+        data_pipeline.landmark_balance_repeats(valid, max_repeats=2), [2, 2, 1, 1, 1, 1]
+    )
+    same = np.ones((3, 4), bool)
+    np.testing.assert_array_equal(data_pipeline.landmark_balance_repeats(same), [1, 1, 1])
+    with pytest.raises(ValueError, match="max_repeats"):
+        data_pipeline.landmark_balance_repeats(valid, max_repeats=0)
+
+
+def test_balanced_epoch_repeats_cases(dataset_root, cache_dir, monkeypatch):
+    seen = []
+
+    def repeats(valid, max_repeats):
+        seen.append((valid.shape, max_repeats))
+        return np.array([1, 3, 2])
+
+    monkeypatch.setattr(data_pipeline, "landmark_balance_repeats", repeats)
+    dataset = data_pipeline.make_train_dataset(
+        dataset_root,
+        ["case0", "case1", "case2"],
+        SPECS["scn"],
+        cache_dir=cache_dir,
+        batch_size=1,
+        seed=3,
+        balance_landmarks=3,
+    )
+    first_epoch = [int(b["case_index"][0]) for b in _take(dataset, 6)]
+    assert sorted(first_epoch) == [0, 1, 1, 1, 2, 2]
+    assert seen == [((3, SPECS["scn"].num_landmarks), 3)]
+    with pytest.raises(ValueError, match="stage 'seg'"):
+        seg = SPECS["seg"]
+        data_pipeline.make_train_dataset(
+            dataset_root,
+            ["case0"],
+            seg,
+            cache_dir=cache_dir,
+            batch_size=1,
+            seed=0,
+            balance_landmarks=2,
+        )

@@ -73,6 +73,20 @@ def test_ribs_on_thoracic_vertebrae_only():
     assert {v.label for v in spine.vertebrae if v.has_ribs} == set(range(8, 20)) | {T13}
 
 
+def test_write_dataset_same_files_with_worker_processes(tmp_path):
+    # Each case depends on its own seed only: two worker processes write the same bytes as one.
+    one = phantoms.write_phantom_dataset(tmp_path / "one", 4, seed=5, max_voxels=60_000, workers=1)
+    two = phantoms.write_phantom_dataset(tmp_path / "two", 4, seed=5, max_voxels=60_000, workers=2)
+    assert one == two
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.*"))
+    assert len(files) == 4 * 3 + 1  # CT, mask, centroids per case; splits.json
+    for name in files:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    assert phantoms.default_workers(3) == 1  # fewer than 4 cases per worker: no processes
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        phantoms.write_phantom_dataset(tmp_path / "x", 1, workers=0)
+
+
 def test_write_dataset_round_trip_and_splits(tmp_path):
     ids = phantoms.write_phantom_dataset(tmp_path, 3, seed=4, max_voxels=150_000)
     assert ids == ["phantom000", "phantom001", "phantom002"]

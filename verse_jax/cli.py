@@ -253,6 +253,8 @@ def cmd_phantoms(args) -> int:
     from verse_jax import phantoms
 
     extra = {} if args.max_voxels is None else {"max_voxels": args.max_voxels}
+    if args.workers is not None:
+        extra["workers"] = args.workers
     ids = phantoms.write_phantom_dataset(args.out, args.cases, args.seed, **extra)
     _write(f"wrote {len(ids)} phantom cases into {args.out}")
     return 0
@@ -326,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=8, help="number of cases (default 8)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--max-voxels", type=int, help="voxel budget per case (coarser spacing above)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="processes drawing cases (default: one per core, >= 4 cases each; same files)",
+    )
     p.set_defaults(func=cmd_phantoms)
 
     p = sub.add_parser("bundle", help="combine three stage exports into one model bundle")

@@ -65,6 +65,9 @@ def base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     del ranges["control_points"]  # a fixed part of the definition, not a range
     c.data.aug = ml_collections.ConfigDict(ranges)
     c.data.worker_count = 0  # Grain worker processes (0: in the training process)
+    # Cases holding rare landmarks enter each epoch up to this many times (0: once, as the
+    # reference; verse_jax.data.pipeline.landmark_balance_repeats). Not for "seg".
+    c.data.balance_landmarks = 0
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "paper"  # network preset of verse_jax.models (paper|demo|tiny)

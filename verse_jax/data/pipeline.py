@@ -28,6 +28,36 @@ class _Prepared:
     paths: tuple[str, ...]
     items: tuple[tuple[int, int], ...]  # (case index, landmark index or -1)
     volume_sizes: tuple[tuple[int, int, int], ...]
+    valid: tuple[np.ndarray, ...]  # (K,) bool per case
+
+
+def landmark_balance_repeats(valid: np.ndarray, max_repeats: int = 3) -> np.ndarray:
+    """How often each case enters a training epoch so that rare landmarks are seen more often.
+
+    A landmark held by ``n_k`` of the cases is ``r_k = median(n) / n_k`` times rarer than the
+    typical one (median over the landmarks that any case holds); a case is repeated
+    ``round(max r_k)`` times over its landmarks, clipped to ``[1, max_repeats]``. Cases without
+    rare landmarks stay once; the draw stays seeded (the repeats are part of the epoch).
+
+    Args:
+        valid: (num_cases, K) bool, the landmarks each case holds.
+        max_repeats: upper bound of a case's repeats.
+
+    Returns:
+        (num_cases,) int repeats >= 1.
+    """
+    valid = np.asarray(valid, bool)
+    if valid.ndim != 2:
+        raise ValueError(f"valid must be (num_cases, K), got shape {valid.shape}")
+    if int(max_repeats) < 1:
+        raise ValueError(f"max_repeats must be >= 1, got {max_repeats}")
+    counts = valid.sum(axis=0).astype(np.float64)
+    held = counts > 0
+    if not held.any():
+        return np.ones(len(valid), int)
+    rarity = np.where(held, np.median(counts[held]) / np.maximum(counts, 1.0), 0.0)
+    need = np.where(valid, rarity[None, :], 0.0).max(axis=1)
+    return np.clip(np.round(need), 1, int(max_repeats)).astype(int)
 
 
 def _prepare(root, case_ids, spec: StageSpec, cache_dir) -> _Prepared:
@@ -36,17 +66,18 @@ def _prepare(root, case_ids, spec: StageSpec, cache_dir) -> _Prepared:
     if missing:
         raise ValueError(f"{root}: unknown case ids {missing}")
     paths = prepare_stage_cases([by_id[i] for i in case_ids], spec, cache_dir)
-    items, sizes = [], []
+    items, sizes, valid = [], [], []
     for index, path in enumerate(paths):
         case = load_stage_case(path)
         sizes.append(tuple(case.image.shape))
+        valid.append(np.asarray(case.valid, bool))
         if spec.name == "seg":
             items += [(index, int(k)) for k in np.flatnonzero(case.valid)]
         elif case.valid.any():
             items.append((index, -1))
     if not items:
         raise ValueError(f"{root}: no case among {list(case_ids)} has landmarks for {spec.name}")
-    return _Prepared(tuple(str(p) for p in paths), tuple(items), tuple(sizes))
+    return _Prepared(tuple(str(p) for p in paths), tuple(items), tuple(sizes), tuple(valid))
 
 
 class _MakeSample:
@@ -103,6 +134,7 @@ def make_train_dataset(
     num_epochs: int | None = None,
     shard_index: int = 0,
     shard_count: int = 1,
+    balance_landmarks: int = 0,
 ) -> grain.IterDataset:
     """Shuffled, repeated, augmented raw batches of a stage (caches the cases first).
 
@@ -119,6 +151,8 @@ def make_train_dataset(
             `jax.process_index()`, `jax.process_count()`): items shard_index, shard_index +
             shard_count, ... of the global sequence, each with the same augmentation draw as in a
             single-process run; `batch_size` is then the per-process batch.
+        balance_landmarks: 0 (each item once per epoch, as the reference) or the most repeats
+            of a case holding rare landmarks (``landmark_balance_repeats``; "spine" and "scn").
 
     Returns:
         IterDataset of raw batches (``samples`` module docstring); ``iter()`` gives an iterator
@@ -127,6 +161,11 @@ def make_train_dataset(
     prepared = _prepare(root, list(case_ids), spec, cache_dir)
     size = samples.box_size(spec, prepared.volume_sizes, train=True)
     items = [(c, v, True) for c, v in prepared.items]
+    if balance_landmarks:
+        if spec.name == "seg":
+            raise ValueError("balance_landmarks: stage 'seg' samples vertebrae, not cases")
+        repeats = landmark_balance_repeats(np.stack(prepared.valid), balance_landmarks)
+        items = [item for item in items for _ in range(repeats[item[0]])]
     maker = _MakeSample(prepared.paths, spec, size, seed=seed, epoch_length=len(items), train=True)
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")

@@ -8,6 +8,7 @@ sets and the cached default). The public names of ``render`` and ``dataset`` are
 from verse_jax.phantoms.dataset import (
     case_seed,
     default_dataset,
+    default_workers,
     split_cases,
     write_phantom_dataset,
 )
@@ -35,4 +36,5 @@ __all__ = [
     "split_cases",
     "write_phantom_dataset",
     "default_dataset",
+    "default_workers",
 ]

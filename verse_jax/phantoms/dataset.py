@@ -1,7 +1,10 @@
 """Phantom data sets in the VerSe BIDS layout: seeded cases, their split and the cached default."""
 
+import concurrent.futures
 import json
 import logging
+import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -36,42 +39,74 @@ def split_cases(case_ids: list[str], seed: int = 0) -> dict[str, list[str]]:
     }
 
 
+def _write_case(out: Path, case_id: str, seed: int, max_voxels: int) -> tuple[str, int, float]:
+    """Generate and write one case; returns ``(grid size, number of vertebrae, seconds)``."""
+    start = time.perf_counter()
+    phantom = generate_phantom(seed, max_voxels=max_voxels)
+    raw, derived = out / "rawdata" / f"sub-{case_id}", out / "derivatives" / f"sub-{case_id}"
+    raw.mkdir(parents=True, exist_ok=True)
+    derived.mkdir(parents=True, exist_ok=True)
+    write_volume(raw / f"sub-{case_id}_ct.nii.gz", phantom.image)
+    write_mask(derived / f"sub-{case_id}_seg-vert_msk.nii.gz", phantom.mask)
+    write_centroids(
+        derived / f"sub-{case_id}_seg-subreg_ctd.json", phantom.centroids, phantom.mask.geometry
+    )
+    size = "x".join(map(str, phantom.image.geometry.size))
+    return size, len(phantom.centroids.labels), time.perf_counter() - start
+
+
+def default_workers(num_cases: int) -> int:
+    """Worker processes for ``num_cases`` phantoms: one per available core, at most 8, and at
+    least 4 cases per worker (starting a process costs about a case)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8, int(num_cases) // 4))
+
+
 def write_phantom_dataset(
-    out_dir, num_cases: int, seed: int = 0, *, max_voxels: int = DEFAULT_MAX_VOXELS
+    out_dir,
+    num_cases: int,
+    seed: int = 0,
+    *,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    workers: int | None = None,
 ) -> list[str]:
     """Write ``num_cases`` phantoms in the BIDS VerSe layout plus ``splits.json``.
 
     Layout: ``rawdata/sub-<id>/sub-<id>_ct.nii.gz``, ``derivatives/sub-<id>/sub-<id>_seg-vert_msk
     .nii.gz`` and ``derivatives/sub-<id>/sub-<id>_seg-subreg_ctd.json`` with ids ``phantom000``,
     ``phantom001``, ...; case i is ``generate_phantom(case_seed(seed, i), max_voxels=...)``.
+    Cases are drawn in ``workers`` processes (None: ``default_workers``; 1: in this process);
+    each case depends on its own seed only, so the files are the same for any number of workers.
 
     Returns:
         The case ids, in order.
     """
     if int(num_cases) < 1:
         raise ValueError(f"num_cases must be >= 1, got {num_cases}")
+    workers = default_workers(num_cases) if workers is None else int(workers)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     out = Path(out_dir)
     case_ids = [f"phantom{i:03d}" for i in range(int(num_cases))]
-    for i, case_id in enumerate(case_ids):
-        start = time.perf_counter()
-        phantom = generate_phantom(case_seed(seed, i), max_voxels=max_voxels)
-        raw, derived = out / "rawdata" / f"sub-{case_id}", out / "derivatives" / f"sub-{case_id}"
-        raw.mkdir(parents=True, exist_ok=True)
-        derived.mkdir(parents=True, exist_ok=True)
-        write_volume(raw / f"sub-{case_id}_ct.nii.gz", phantom.image)
-        write_mask(derived / f"sub-{case_id}_seg-vert_msk.nii.gz", phantom.mask)
-        write_centroids(
-            derived / f"sub-{case_id}_seg-subreg_ctd.json", phantom.centroids, phantom.mask.geometry
-        )
-        logger.info(
-            "phantom %d/%d %s: %s voxels, %d vertebrae, %.1f s",
-            i + 1,
-            len(case_ids),
-            case_id,
-            "x".join(map(str, phantom.image.geometry.size)),
-            len(phantom.centroids.labels),
-            time.perf_counter() - start,
-        )
+    jobs = [(out, case_id, case_seed(seed, i), max_voxels) for i, case_id in enumerate(case_ids)]
+
+    def report(i: int, result: tuple[str, int, float]) -> None:
+        size, count, seconds = result
+        message = "phantom %d/%d %s: %s voxels, %d vertebrae, %.1f s"
+        logger.info(message, i + 1, len(case_ids), case_ids[i], size, count, seconds)
+
+    if workers == 1:
+        for i, job in enumerate(jobs):
+            report(i, _write_case(*job))
+    else:
+        # spawn, not fork: the caller may hold JAX's threads (a training script).
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            for i, result in enumerate(pool.map(_write_case, *zip(*jobs, strict=True))):
+                report(i, result)
     splits_path = out / "splits.json"
     write_text_atomic(splits_path, json.dumps(split_cases(case_ids, seed), indent=1) + "\n")
     return case_ids
