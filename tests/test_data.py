@@ -335,3 +335,29 @@ def test_balanced_epoch_repeats_cases(dataset_root, cache_dir, monkeypatch):
             seed=0,
             balance_landmarks=2,
         )
+
+
+def test_parallel_cache_equals_sequential_and_names_a_bad_file(dataset_root, tmp_path):
+    cases = io.find_cases(dataset_root)
+    one = stage_cache.prepare_stage_cases(cases, SPECS["scn"], tmp_path / "one", workers=1)
+    two = stage_cache.prepare_stage_cases(cases, SPECS["scn"], tmp_path / "two", workers=2)
+    assert [p.name for p in one] == [p.name for p in two]
+    for a, b in zip(one, two, strict=True):
+        assert (a / "meta.json").read_text() == (b / "meta.json").read_text()
+        for array in sorted(a.glob("*.npy")):
+            assert array.read_bytes() == (b / array.name).read_bytes()
+    # A broken file in a worker process: the error names it, nothing half-written is kept.
+    broken = tmp_path / "broken"
+    for case in cases:
+        for part in ("rawdata", "derivatives"):
+            src = dataset_root / part / f"sub-{case.case_id}"
+            (broken / part / src.name).mkdir(parents=True)
+            for f in src.iterdir():
+                (broken / part / src.name / f.name).write_bytes(f.read_bytes())
+    bad = broken / "rawdata" / "sub-case2" / "sub-case2_ct.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    with pytest.raises(io.VerseFormatError, match="sub-case2_ct.nii.gz"):
+        stage_cache.prepare_stage_cases(
+            io.find_cases(broken), SPECS["scn"], tmp_path / "three", workers=2
+        )
+    assert not any(p.name.startswith("case2") for p in (tmp_path / "three").iterdir())

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from verse_jax import io, preprocessing
+from verse_jax import workers as workers_lib
 from verse_jax.geometry import Geometry, Volume
 from verse_jax.io.files import atomic_directory
 from verse_jax.stages import StageSpec, mask_margin_slices
@@ -115,14 +116,21 @@ def _compute_arrays(case: io.Case, spec: StageSpec) -> tuple[dict, dict]:
 def build_stage_case(case: io.Case, spec: StageSpec, cache_dir) -> Path:
     """Computes and caches one case on the stage grid unless cached already; returns its folder."""
     target = cache_path(case, spec, cache_dir)
-    if (target / "meta.json").is_file():
+    if _is_cached(target):
         return target
+    _store(case, spec, cache_dir)
+    logger.info("cached %s stage %s at %s", case.case_id, spec.name, target)
+    return target
+
+
+def _store(case: io.Case, spec: StageSpec, cache_dir) -> Path:
+    """Computes and writes one case's cache folder (atomically); a worker process's job."""
+    target = cache_path(case, spec, cache_dir)
     arrays, meta = _compute_arrays(case, spec)
     with atomic_directory(target, complete="meta.json") as tmp:
         for name, array in arrays.items():
             np.save(tmp / f"{name}.npy", array)
         (tmp / "meta.json").write_text(json.dumps(meta))
-    logger.info("cached %s stage %s at %s", case.case_id, spec.name, target)
     return target
 
 
@@ -147,6 +155,30 @@ def load_stage_case(path) -> StageCase:
     )
 
 
-def prepare_stage_cases(cases: list[io.Case], spec: StageSpec, cache_dir) -> list[Path]:
-    """Caches every case (sequentially, host); returns the cache folders in the same order."""
+def prepare_stage_cases(
+    cases: list[io.Case], spec: StageSpec, cache_dir, *, workers: int | None = None
+) -> list[Path]:
+    """Caches every case; returns the cache folders in the same order.
+
+    Cases not cached yet are computed in ``workers`` processes (None:
+    ``verse_jax.workers.default_workers`` of their number; 1: in this process). Each case depends
+    on its own files only, so the cache is the same for any number of workers.
+    """
+    todo = {}  # cache folder -> case, each folder once
+    for case in cases:
+        path = cache_path(case, spec, cache_dir)
+        if not _is_cached(path):
+            todo.setdefault(path, case)
+    todo = list(todo.values())
+    if todo:
+        count = workers_lib.default_workers(len(todo)) if workers is None else int(workers)
+        jobs = [(case, spec, cache_dir) for case in todo]
+        for case, target in zip(
+            todo, workers_lib.map_in_processes(_store, jobs, count), strict=True
+        ):
+            logger.info("cached %s stage %s at %s", case.case_id, spec.name, target)
     return [build_stage_case(case, spec, cache_dir) for case in cases]
+
+
+def _is_cached(path: Path) -> bool:
+    return (path / "meta.json").is_file()

@@ -1,15 +1,13 @@
 """Phantom data sets in the VerSe BIDS layout: seeded cases, their split and the cached default."""
 
-import concurrent.futures
 import json
 import logging
-import multiprocessing
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from verse_jax import workers as workers_lib
 from verse_jax.io.centroids import write_centroids
 from verse_jax.io.files import atomic_directory, write_text_atomic
 from verse_jax.io.images import write_mask, write_volume
@@ -56,13 +54,8 @@ def _write_case(out: Path, case_id: str, seed: int, max_voxels: int) -> tuple[st
 
 
 def default_workers(num_cases: int) -> int:
-    """Worker processes for ``num_cases`` phantoms: one per available core, at most 8, and at
-    least 4 cases per worker (starting a process costs about a case)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8, int(num_cases) // 4))
+    """Worker processes for ``num_cases`` phantoms (``verse_jax.workers.default_workers``)."""
+    return workers_lib.default_workers(num_cases)
 
 
 def write_phantom_dataset(
@@ -98,15 +91,8 @@ def write_phantom_dataset(
         message = "phantom %d/%d %s: %s voxels, %d vertebrae, %.1f s"
         logger.info(message, i + 1, len(case_ids), case_ids[i], size, count, seconds)
 
-    if workers == 1:
-        for i, job in enumerate(jobs):
-            report(i, _write_case(*job))
-    else:
-        # spawn, not fork: the caller may hold JAX's threads (a training script).
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            for i, result in enumerate(pool.map(_write_case, *zip(*jobs, strict=True))):
-                report(i, result)
+    for i, result in enumerate(workers_lib.map_in_processes(_write_case, jobs, workers)):
+        report(i, result)
     splits_path = out / "splits.json"
     write_text_atomic(splits_path, json.dumps(split_cases(case_ids, seed), indent=1) + "\n")
     return case_ids
