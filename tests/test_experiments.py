@@ -232,6 +232,11 @@ def test_presets(stage):
     got = (o.name, o.lr, tuple(o.boundaries), paper.train.num_steps, d.spacing_mm, d.crop_size)
     assert got == expected and tuple(o.scales) == (0.5, 0.1)
     assert o.clip_norm == (1.0 if stage == "seg" else 0.0)
+    # The paper draws every training case once per epoch; the demo SCN balances rare landmarks.
+    assert d.balance_landmarks == 0
+    assert demo.data.balance_landmarks == (3 if stage == "scn" else 0)
+    if stage == "scn":
+        assert d.heatmap_value_scale == 1.0 and demo.data.heatmap_value_scale == 0.3
     with pytest.raises(ValueError, match="paper"):
         module.get_config("papr")
     with pytest.raises(AttributeError):
