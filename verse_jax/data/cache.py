@@ -164,20 +164,16 @@ def prepare_stage_cases(
     ``verse_jax.workers.default_workers`` of their number; 1: in this process). Each case depends
     on its own files only, so the cache is the same for any number of workers.
     """
-    todo = {}  # cache folder -> case, each folder once
-    for case in cases:
-        path = cache_path(case, spec, cache_dir)
-        if not _is_cached(path):
-            todo.setdefault(path, case)
-    todo = list(todo.values())
+    paths = [cache_path(case, spec, cache_dir) for case in cases]
+    # each missing folder once (a case listed twice is computed once)
+    todo = list({p: c for p, c in zip(paths, cases, strict=True) if not _is_cached(p)}.values())
     if todo:
         count = workers_lib.default_workers(len(todo)) if workers is None else int(workers)
         jobs = [(case, spec, cache_dir) for case in todo]
-        for case, target in zip(
-            todo, workers_lib.map_in_processes(_store, jobs, count), strict=True
-        ):
+        results = workers_lib.map_in_processes(_store, jobs, count)
+        for case, target in zip(todo, results, strict=True):
             logger.info("cached %s stage %s at %s", case.case_id, spec.name, target)
-    return [build_stage_case(case, spec, cache_dir) for case in cases]
+    return paths
 
 
 def _is_cached(path: Path) -> bool:

@@ -17,6 +17,7 @@ from verse_jax.phantoms.render import (
     PHANTOM_VERSION,
     generate_phantom,
 )
+from verse_jax.workers import default_workers
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +52,6 @@ def _write_case(out: Path, case_id: str, seed: int, max_voxels: int) -> tuple[st
     )
     size = "x".join(map(str, phantom.image.geometry.size))
     return size, len(phantom.centroids.labels), time.perf_counter() - start
-
-
-def default_workers(num_cases: int) -> int:
-    """Worker processes for ``num_cases`` phantoms (``verse_jax.workers.default_workers``)."""
-    return workers_lib.default_workers(num_cases)
 
 
 def write_phantom_dataset(
