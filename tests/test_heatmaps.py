@@ -189,6 +189,27 @@ def test_find_candidates_matches_a_full_volume_numpy_reference():
     np.testing.assert_allclose(c.points_vox[: len(expected)], [p for _, p in expected], atol=1e-3)
 
 
+def test_find_candidates_on_a_padded_heatmap_equals_the_unpadded_search_exactly():
+    # Peaks on and next to the true last slice and row: the quadratic refinement must skip the
+    # true border (not the padded one), and the padding (even larger values) is never a candidate.
+    rng = np.random.default_rng(3)
+    shape = (9, 10, 17)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    centres = np.concatenate(
+        [rng.uniform(0, np.array(shape), size=(6, 3)), [[4.0, 9.0, 16.0], [2.3, 5.5, 15.6]]]
+    )
+    h = sum(np.exp(-np.sum((grid - c) ** 2, -1) / 6.0) for c in centres).astype(np.float32)
+    expected = _candidates(jnp.asarray(h), max_candidates=12, min_distance_vox=2.5)
+    assert int(expected.valid.sum()) >= 5
+    padded = np.full((12, 13, 24), 5.0, np.float32)  # larger than any true value
+    padded[: shape[0], : shape[1], : shape[2]] = h
+    got = _candidates(
+        jnp.asarray(padded), max_candidates=12, min_distance_vox=2.5, extent=jnp.asarray(shape)
+    )
+    for name in ("values", "points_vox", "valid"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(expected, name), err_msg=name)
+
+
 def test_numpy_window_is_the_references_asymmetric_window():
     # mu = 5.0, sigma = 3: int(-2.5) = -2 -> from 0; int(12.5) = 12 -> voxels 0..11 in x.
     # mu = 6.5: int(-1.0) = -1 -> 0, int(14.0) = 14 -> 0..13 (clipped at size 12 here).

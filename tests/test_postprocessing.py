@@ -1,9 +1,15 @@
 """Tests for candidate selection (DP == brute force), largest component and label fusion."""
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from verse_jax.geometry import Geometry
+from verse_jax.heatmaps import find_candidates
+from verse_jax.infer import candidates as candidates_lib
 from verse_jax.infer.candidates import column_z_range_mm, landmark_candidates
 from verse_jax.infer.fusion import LabelFusion, largest_component
 from verse_jax.infer.sequence import (
@@ -217,6 +223,58 @@ def test_landmark_candidates_in_mm():
     np.testing.assert_array_equal(cands.valid[:2, 1:], False)  # nothing > 0.1 * max elsewhere
     np.testing.assert_allclose(cands.values[:, 0], [1.0, 0.8, -1.0, -1.0, -1.0], rtol=1e-6)
     np.testing.assert_allclose(cands.points_mm[:2, 0], [[16.0, 8.0, 5.0], [14.0, 4.0, 25.0]])
+
+
+def test_bucket_length():
+    assert [candidates_lib.bucket_length(n) for n in (1, 16, 17, 20, 21, 31, 32, 33, 60, 65)] == [
+        16,
+        16,
+        20,
+        20,
+        24,
+        32,
+        32,
+        40,
+        64,
+        80,
+    ]
+
+
+def test_landmark_candidates_compile_once_per_bucket_and_equal_the_unpadded_search():
+    # Columns of 57-60 slices share the 64-slice bucket: one compilation; each result equals the
+    # search on the unpadded heatmaps exactly (peaks at the true last slice included).
+    rng = np.random.default_rng(1)
+    find = jax.jit(
+        jax.vmap(
+            functools.partial(
+                find_candidates,
+                max_candidates=4,
+                min_distance_vox=7.0,
+                min_max_value=0.25,
+                relative_threshold=0.1,
+            ),
+            in_axes=-1,
+        )
+    )
+    before = None
+    for size_z in (57, 58, 60):
+        shape = (12, 12, size_z)
+        geometry = Geometry(size=shape, spacing_mm=(2.0, 2.0, 2.0), origin_mm=(0.0, 0.0, 0.0))
+        heatmaps = rng.uniform(0.0, 0.2, shape + (3,)).astype(np.float32)
+        heatmaps[5, 6, size_z - 1, 0] = 1.0  # on the true border: no refinement along z
+        heatmaps[5, 6, size_z - 2, 1], heatmaps[5, 6, size_z - 1, 1] = 1.0, 0.6
+        cands = landmark_candidates(heatmaps, geometry, max_candidates=4)
+        if before is None:
+            before = candidates_lib.find_cache_size()
+        expected = find(jnp.asarray(heatmaps))
+        np.testing.assert_array_equal(cands.valid, expected.valid)
+        np.testing.assert_array_equal(cands.values, np.where(expected.valid, expected.values, 0))
+        points = geometry.index_to_physical(np.asarray(expected.points_vox, np.float64))
+        np.testing.assert_array_equal(
+            cands.points_mm, np.where(expected.valid[..., None], points, 0)
+        )
+        assert cands.points_mm[0, 0, 2] == 2.0 * (size_z - 1)
+    assert candidates_lib.find_cache_size() == before
 
 
 def test_heatmaps_to_sequence_end_to_end():

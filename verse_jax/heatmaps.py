@@ -5,6 +5,7 @@ voxel indices ``points_vox`` (K, 3) in (x, y, z) order with a ``valid`` (K,) boo
 ``(i, j, k)`` sits at continuous index ``(i, j, k)``.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -172,32 +173,32 @@ def _argmax_3d(image: jax.Array) -> jax.Array:
     return jnp.stack([ix, iy, iz]).astype(jnp.int32)
 
 
-def _refined_maximum(image: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _refined_maximum(image: jax.Array, extent: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Global maximum value and its position refined per axis by a quadratic fit.
 
-    Per axis ``delta = 0.5 (p- - p+) / (p- - 2 p0 + p+)``, skipped at the border (and on a flat
-    neighbourhood, where the reference would divide by zero).
+    Per axis ``delta = 0.5 (p- - p+) / (p- - 2 p0 + p+)``, skipped at the border of ``extent``
+    ((3,) int32, the heatmap's true size inside a padded ``image``) and on a flat neighbourhood
+    (where the reference would divide by zero).
     """
-    shape = image.shape
     index = _argmax_3d(image)
     value = image[tuple(index)]
     point = index.astype(jnp.float32)
     for axis in range(3):
         step = jnp.zeros(3, jnp.int32).at[axis].set(1)
         lo = image[tuple(jnp.maximum(index - step, 0))]
-        hi = image[tuple(jnp.minimum(index + step, jnp.array(shape, jnp.int32) - 1))]
+        hi = image[tuple(jnp.minimum(index + step, extent - 1))]
         denom = lo - 2.0 * value + hi
-        inside = (index[axis] >= 1) & (index[axis] + 1 < shape[axis]) & (denom < 0)
+        inside = (index[axis] >= 1) & (index[axis] + 1 < extent[axis]) & (denom < 0)
         delta = 0.5 * (lo - hi) / jnp.where(inside, denom, -1.0)
         point = point.at[axis].add(jnp.where(inside, delta, 0.0))
     return value, point
 
 
-def _zero_ball(image: jax.Array, point: jax.Array, radius: float) -> jax.Array:
+def _zero_ball(image: jax.Array, point: jax.Array, radius: float, extent: jax.Array) -> jax.Array:
     """Sets the voxels within ``radius`` of the continuous index ``point`` (3,) to zero.
 
     Touches only a box of 2 (ceil(radius) + 1) + 1 voxels per axis (clamped into the image)
-    instead of the whole volume.
+    instead of the whole volume, and only voxels inside ``extent`` (padding keeps its -inf).
     """
     reach = math.ceil(radius) + 1
     box = tuple(min(2 * reach + 1, n) for n in image.shape)
@@ -213,7 +214,16 @@ def _zero_ball(image: jax.Array, point: jax.Array, radius: float) -> jax.Array:
         ** 2
         for axis, b in enumerate(box)
     )
-    patch = jnp.where(d2 <= radius**2, 0.0, patch)
+    inside = functools.reduce(
+        jnp.logical_and,
+        [
+            (jnp.arange(b) + start[axis] < extent[axis]).reshape(
+                [b if a == axis else 1 for a in range(3)]
+            )
+            for axis, b in enumerate(box)
+        ],
+    )
+    patch = jnp.where((d2 <= radius**2) & inside, 0.0, patch)
     return lax.dynamic_update_slice(image, patch, start)
 
 
@@ -224,6 +234,7 @@ def find_candidates(
     min_distance_vox: float,
     min_max_value: float,
     relative_threshold: float,
+    extent=None,
 ) -> Candidates:
     """Candidate positions of one landmark: the global maximum and further, separated maxima.
 
@@ -238,6 +249,9 @@ def find_candidates(
         min_distance_vox: exclusion radius in voxels.
         min_max_value: below this global maximum only the global maximum is returned.
         relative_threshold: further maxima need value > relative_threshold * global maximum.
+        extent: None, or the (3,) true size (may be traced) of a heatmap padded at the high end
+            of its axes, so that one compilation serves many sizes; voxels beyond it are never
+            candidates and the result equals that of ``heatmap[:ex, :ey, :ez]`` exactly.
 
     Returns:
         Candidates with (M,) values, (M, 3) points_vox (x, y, z) and (M,) valid.
@@ -249,12 +263,21 @@ def find_candidates(
     if min_distance_vox < 0:
         raise ValueError(f"min_distance_vox must be >= 0, got {min_distance_vox}")
     heatmap = jnp.asarray(heatmap, jnp.float32)
-    top_value, top_point = _refined_maximum(heatmap)
+    if extent is None:
+        extent = jnp.asarray(heatmap.shape, jnp.int32)
+    else:
+        extent = jnp.asarray(extent, jnp.int32)
+        grid = jnp.meshgrid(*(jnp.arange(n) for n in heatmap.shape), indexing="ij", sparse=True)
+        padding = functools.reduce(
+            jnp.logical_or, [g >= extent[axis] for axis, g in enumerate(grid)]
+        )
+        heatmap = jnp.where(padding, -jnp.inf, heatmap)
+    top_value, top_point = _refined_maximum(heatmap, extent)
 
     def step(carry, _):
         image, point, active = carry
-        image = _zero_ball(image, point, min_distance_vox)
-        value, point = _refined_maximum(image)
+        image = _zero_ball(image, point, min_distance_vox, extent)
+        value, point = _refined_maximum(image, extent)
         active = active & (value > relative_threshold * top_value)
         return (image, point, active), (value, point, active)
 

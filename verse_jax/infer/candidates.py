@@ -9,6 +9,7 @@ import functools
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from verse_jax import stages
@@ -25,18 +26,34 @@ class LandmarkCandidates(NamedTuple):
     valid: np.ndarray
 
 
+def bucket_length(size: int) -> int:
+    """Padded z length the candidate search compiles for: 16, or ``size`` rounded up to a quarter
+    of its power of two (20, 24, 28, 32, 40, ...), so at most 4 compilations per octave of column
+    lengths and at most 25 % padding."""
+    if size <= 16:
+        return 16
+    step = 1 << (int(size).bit_length() - 3)
+    return -(-int(size) // step) * step
+
+
 @functools.partial(
     jax.jit, static_argnames=("max_candidates", "min_distance_vox", "min_max_value", "rel")
 )
-def _find_per_channel(heatmaps, *, max_candidates, min_distance_vox, min_max_value, rel):
+def _find_per_channel(heatmaps, extent, *, max_candidates, min_distance_vox, min_max_value, rel):
     find = functools.partial(
         find_candidates,
         max_candidates=max_candidates,
         min_distance_vox=min_distance_vox,
         min_max_value=min_max_value,
         relative_threshold=rel,
+        extent=extent,
     )
     return jax.vmap(find, in_axes=-1)(heatmaps)
+
+
+def find_cache_size() -> int:
+    """Number of compiled variants of the candidate search (for tests and logging)."""
+    return _find_per_channel._cache_size()
 
 
 def landmark_candidates(
@@ -67,9 +84,19 @@ def landmark_candidates(
         raise ValueError(f"heatmaps must be (x, y, z, K), got shape {np.shape(heatmaps)}")
     limit = int(np.prod(np.shape(heatmaps)[:3]))  # no more maxima than voxels
     slots = min(8, limit) if max_candidates is None else int(max_candidates)
+    # The column's z length varies from scan to scan: pad it to a bucket (never a candidate: the
+    # true extent is a traced argument) so that a folder of scans compiles a few times, not once
+    # per scan (about 1-3 s each on a CPU).
+    size_z = int(np.shape(heatmaps)[2])
+    extent = np.asarray(np.shape(heatmaps)[:3], np.int32)
+    heatmaps = jnp.asarray(heatmaps)
+    if bucket_length(size_z) > size_z:
+        padding = ((0, 0), (0, 0), (0, bucket_length(size_z) - size_z), (0, 0))
+        heatmaps = jnp.pad(heatmaps, padding)
     while True:
         found = _find_per_channel(
             heatmaps,
+            extent,
             max_candidates=slots,
             min_distance_vox=float(min_distance_vox),
             min_max_value=float(min_max_value),
