@@ -16,6 +16,7 @@ import numpy as np
 
 from experiments import common, trainer
 from verse_jax import metrics, stages
+from verse_jax.data import pipeline as data_pipeline
 from verse_jax.infer import predict
 from verse_jax.models import initial_sigmas
 from verse_jax.train import stage_losses
@@ -63,13 +64,20 @@ def make_stage(config) -> trainer.Stage:
     return trainer.Stage(
         factory=stages.FACTORIES["scn"],
         factory_kwargs=network,
-        make_loss=lambda apply: stage_losses.make_scn_loss(
-            apply, weight_decay=o.weight_decay, sigma_weight=o.sigma_weight, scale=o.heatmap_scale
+        make_loss=lambda apply, landmarks: stage_losses.make_scn_loss(
+            apply,
+            weight_decay=o.weight_decay,
+            sigma_weight=o.sigma_weight,
+            scale=o.heatmap_scale,
+            landmark_weights=None
+            if landmarks is None
+            else data_pipeline.landmark_loss_weights(landmarks, o.rare_landmark_weight),
         ),
         make_evaluate=make_evaluate,
         select=("id_rate", "max"),
         tie_break=("mean_distance_mm", "min"),
         sigmas=np.asarray(initial_sigmas(config.data.num_landmarks, o.sigma_init)),
+        uses_training_landmarks=o.rare_landmark_weight > 0,
     )
 
 

@@ -45,7 +45,7 @@ def make_stage(config) -> trainer.Stage:
     return trainer.Stage(
         factory=stages.FACTORIES["seg"],
         factory_kwargs={"preset": config.model.preset, "conv_impl": config.model.conv_impl},
-        make_loss=lambda apply: stage_losses.make_seg_loss(
+        make_loss=lambda apply, _: stage_losses.make_seg_loss(
             apply, weight_decay=config.optim.weight_decay, dice_weight=config.optim.dice_weight
         ),
         make_evaluate=make_evaluate,

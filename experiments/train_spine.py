@@ -50,7 +50,7 @@ def make_stage(config) -> trainer.Stage:
     return trainer.Stage(
         factory=stages.FACTORIES["spine"],
         factory_kwargs={"preset": config.model.preset, "conv_impl": config.model.conv_impl},
-        make_loss=lambda apply: stage_losses.make_spine_loss(
+        make_loss=lambda apply, _: stage_losses.make_spine_loss(
             apply, weight_decay=o.weight_decay, sigma_vox=o.heatmap_sigma
         ),
         make_evaluate=make_evaluate,

@@ -40,20 +40,24 @@ class Stage:
     Attributes:
         factory: network factory name (`verse_jax.stages.FACTORIES`).
         factory_kwargs: its keyword arguments, from the config.
-        make_loss: `model.apply -> loss_fn` (`verse_jax.train.stage_losses.make_*_loss`).
+        make_loss: `(model.apply, landmarks) -> loss_fn` (`verse_jax.train.stage_losses`);
+            `landmarks` is None, or the (num_cases, K) landmarks held by the training cases
+            when the stage asks for them (`uses_training_landmarks`).
         make_evaluate: `common.Context -> (TrainState -> {metric: float})` on the validation cases.
         sigmas: (K,) initial learnable sigmas (SCN) or None.
         select: `(metric, "max"|"min")`: the validation value that picks the exported step.
         tie_break: a second `(metric, mode)` for equal values of the first.
+        uses_training_landmarks: `make_loss` gets the training cases' landmarks.
     """
 
     factory: str
     factory_kwargs: dict
-    make_loss: Callable[[Callable], train_state.LossFn]
+    make_loss: Callable[[Callable, np.ndarray | None], train_state.LossFn]
     make_evaluate: Callable[[Any], Callable[[train_state.TrainState], dict]]
     sigmas: np.ndarray | None = None
     select: tuple[str, str] | None = None
     tie_break: tuple[str, str] | None = None
+    uses_training_landmarks: bool = False
 
     def selection(self) -> Selection | None:
         return None if self.select is None else Selection(*self.select, self.tie_break)
@@ -210,8 +214,11 @@ def create_trainer(config, stage, *, mesh=None, train_ids=None) -> Trainer:
         shard_count=jax.process_count(),
         balance_landmarks=config.data.balance_landmarks,
     )
+    landmarks = None
+    if stage.uses_training_landmarks:
+        landmarks = data_pipeline.training_landmarks(root, train_ids, spec, cache_dir)
     step = train_state.make_train_step(
-        stage.make_loss(model.apply),
+        stage.make_loss(model.apply, landmarks),
         optimizer,
         device_transform=samples.make_device_transform(spec),
         learning_rate_fn=schedule,

@@ -304,6 +304,38 @@ def test_landmark_balance_repeats_exact():
         data_pipeline.landmark_balance_repeats(valid, max_repeats=0)
 
 
+def test_landmark_loss_weights_exact():
+    # 26 landmarks over 8 cases: C1 (index 0) in 2, C2 in 8 (the commonest), L5 (23) in 4,
+    # L6 (24) in 1 and T13 (25) in 1 (transitional: 1), T1 (7) in none (1).
+    valid = np.zeros((8, 26), bool)
+    valid[:2, 0] = valid[:, 1] = valid[:4, 23] = valid[:1, 24] = valid[:1, 25] = True
+    valid[:, 8:23] = True
+    weights = data_pipeline.landmark_loss_weights(valid, max_weight=3.0)
+    expected = np.ones(26)
+    expected[0], expected[23] = 3.0, 2.0  # 8 / 2 = 4 clipped to 3; 8 / 4
+    np.testing.assert_array_equal(weights, expected)
+    np.testing.assert_array_equal(data_pipeline.landmark_loss_weights(valid, 1.0), np.ones(26))
+    np.testing.assert_array_equal(  # 25 landmarks (VerSe'19): L6 is index 24
+        data_pipeline.landmark_loss_weights(valid[:, :25], 5.0), np.r_[4.0, expected[1:25]]
+    )
+    with pytest.raises(ValueError, match="max_weight"):
+        data_pipeline.landmark_loss_weights(valid, 0.5)
+    with pytest.raises(ValueError, match="num_cases"):
+        data_pipeline.landmark_loss_weights(valid[:, :10], 2.0)
+
+
+def test_training_landmarks_are_the_cases_landmarks(dataset_root, cache_dir):
+    ids = ["case0", "case1", "case2"]
+    got = data_pipeline.training_landmarks(dataset_root, ids, SPECS["scn"], cache_dir)
+    assert got.shape == (3, SPECS["scn"].num_landmarks) and got.dtype == bool
+    by_id = {case.case_id: case for case in io.find_cases(dataset_root)}
+    for row, case_id in zip(got, ids, strict=True):
+        case = by_id[case_id]
+        centroids = io.read_centroids(case.centroids_path, io.read_geometry(case.image_path))
+        _, expected = io.centroids_to_landmarks(centroids, SPECS["scn"].num_landmarks)
+        np.testing.assert_array_equal(row, expected)
+
+
 def test_balanced_epoch_repeats_cases(dataset_root, cache_dir, monkeypatch):
     seen = []
 

@@ -148,7 +148,7 @@ def _scripted_stage(config):
     return trainer.Stage(
         factory="spine_localization_net",
         factory_kwargs={"preset": config.model.preset, "conv_impl": config.model.conv_impl},
-        make_loss=lambda apply: stage_losses.make_spine_loss(apply),
+        make_loss=lambda apply, _: stage_losses.make_spine_loss(apply),
         make_evaluate=lambda ctx: lambda state: {"score": SCORES[int(state.step)]},
         select=("score", "max"),
     )
@@ -237,6 +237,10 @@ def test_presets(stage):
     assert demo.data.balance_landmarks == (3 if stage == "scn" else 0)
     if stage == "scn":
         assert d.heatmap_value_scale == 1.0 and demo.data.heatmap_value_scale == 0.3
+        # Every heatmap channel weighs 1 in the paper's loss; the demo weights rare landmarks.
+        assert o.rare_landmark_weight == 0.0 and demo.optim.rare_landmark_weight == 4.0
+        assert not train_scn.make_stage(paper).uses_training_landmarks
+        assert train_scn.make_stage(demo).uses_training_landmarks
     with pytest.raises(ValueError, match="paper"):
         module.get_config("papr")
     with pytest.raises(AttributeError):

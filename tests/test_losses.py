@@ -30,6 +30,23 @@ def test_heatmap_l2_mask_broadcasts_over_channels():
         heatmap_l2(pred, target[..., :2])
 
 
+def test_heatmap_l2_channel_weights_scale_each_channels_sum():
+    rng = np.random.default_rng(0)
+    pred = rng.normal(size=(2, 3, 2, 4, 3)).astype(np.float32)
+    target = rng.normal(size=pred.shape).astype(np.float32)
+    mask = (rng.random((2, 3, 2, 4, 1)) > 0.3).astype(np.float32)
+    weights = np.array([1.0, 2.5, 0.0], np.float32)
+    diff = (pred.astype(np.float64) - target) * mask
+    expected = 0.5 * sum(weights[k] * np.sum(diff[..., k] ** 2) for k in range(3))
+    got = heatmap_l2(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask), weights)
+    np.testing.assert_allclose(float(got), expected, rtol=1e-6)
+    ones = heatmap_l2(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask), np.ones(3))
+    plain = heatmap_l2(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask))
+    np.testing.assert_allclose(float(ones), float(plain), rtol=1e-6)
+    with pytest.raises(ValueError, match="channel_weights"):
+        heatmap_l2(jnp.asarray(pred), jnp.asarray(target), None, np.ones(2))
+
+
 def test_sigma_regularizer_counts_valid_landmarks_only():
     sigmas = jnp.array([2.0, 3.0, 4.0])
     valid = jnp.array([True, False, True])

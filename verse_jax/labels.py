@@ -16,6 +16,7 @@ VALID_LABELS = frozenset(VERTEBRA_NAMES)
 T13 = 28
 # Landmark indices of T12 and T13 (26 landmarks): T13 follows T12 in the spine, not in index order.
 T12_INDEX, T13_INDEX = 18, 25
+L6_INDEX = 24  # the first transitional landmark index (L6, then T13)
 
 
 def label_to_index(label: int, num_landmarks: int = 25) -> int:

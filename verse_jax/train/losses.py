@@ -8,7 +8,12 @@ import jax
 import jax.numpy as jnp
 
 
-def heatmap_l2(pred: jax.Array, target: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+def heatmap_l2(
+    pred: jax.Array,
+    target: jax.Array,
+    mask: jax.Array | None = None,
+    channel_weights: jax.Array | None = None,
+) -> jax.Array:
     """Masked heatmap L2 loss ``0.5 * sum((mask * (pred - target))^2)`` over every element.
 
     Args:
@@ -16,6 +21,8 @@ def heatmap_l2(pred: jax.Array, target: jax.Array, mask: jax.Array | None = None
         target: same shape as ``pred``.
         mask: None, or an array of the same rank broadcastable to ``pred`` (e.g. (batch, x, y, z,
             1)), 1 where the loss counts.
+        channel_weights: None, or (K,) factors of each channel's sum (last axis):
+            ``0.5 * sum_k w_k sum((mask * (pred - target))[..., k]^2)``.
 
     Returns:
         Scalar float32 (summed over the batch too; divide by the batch size for a per-crop loss).
@@ -27,7 +34,13 @@ def heatmap_l2(pred: jax.Array, target: jax.Array, mask: jax.Array | None = None
         if mask.ndim != pred.ndim:
             raise ValueError(f"mask must have the rank of pred {pred.shape}, got {mask.shape}")
         diff = diff * mask.astype(jnp.float32)
-    return 0.5 * jnp.sum(diff * diff)
+    if channel_weights is None:
+        return 0.5 * jnp.sum(diff * diff)
+    weights = jnp.asarray(channel_weights, jnp.float32)
+    if weights.shape != pred.shape[-1:]:
+        raise ValueError(f"channel_weights must be ({pred.shape[-1]},), got {weights.shape}")
+    per_channel = jnp.sum(diff * diff, axis=tuple(range(diff.ndim - 1)))
+    return 0.5 * jnp.sum(per_channel * weights)
 
 
 def sigma_regularizer(sigmas: jax.Array, valid: jax.Array, weight: float = 100.0) -> jax.Array:

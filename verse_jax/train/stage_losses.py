@@ -8,6 +8,7 @@ continuous voxel indices of the crop with `valid (batch, K)` flags.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from verse_jax import heatmaps
 from verse_jax.train import losses
@@ -39,7 +40,12 @@ def make_spine_loss(apply_fn, *, weight_decay: float = 5e-4, sigma_vox: float = 
 
 
 def make_scn_loss(
-    apply_fn, *, weight_decay: float = 5e-4, sigma_weight: float = 100.0, scale: float = 1000.0
+    apply_fn,
+    *,
+    weight_decay: float = 5e-4,
+    sigma_weight: float = 100.0,
+    scale: float = 1000.0,
+    landmark_weights=None,
 ):
     """Stage 2 loss: masked heatmap L2 + sigma regulariser + weight decay (TF sum semantics).
 
@@ -47,7 +53,11 @@ def make_scn_loss(
     here, so gradients reach the learnable sigmas (K,) (voxels). The batch holds
     `image (B, x, y, z, 1)`, `landmarks_vox (B, K, 3)`, `valid (B, K)` and `mask (B, x, y, z, 1)`.
     Data and sigma terms are averaged over the batch (the paper used batch 1).
+    `landmark_weights`: None (the paper), or (K,) factors of each heatmap channel's loss
+    (`verse_jax.data.pipeline.landmark_loss_weights`).
     """
+    if landmark_weights is not None:
+        landmark_weights = np.asarray(landmark_weights, np.float32)
 
     def loss_fn(params, sigmas, batch, rng):
         image = batch["image"]
@@ -57,7 +67,8 @@ def make_scn_loss(
             lambda p, v: heatmaps.gaussian_heatmaps(p, v, sigmas, shape, scale=scale)
         )(batch["landmarks_vox"], batch["valid"])
         batch_size = image.shape[0]
-        data = losses.heatmap_l2(out.heatmaps, target, batch["mask"]) / batch_size
+        data = losses.heatmap_l2(out.heatmaps, target, batch["mask"], landmark_weights)
+        data = data / batch_size
         sig = jax.vmap(lambda v: losses.sigma_regularizer(sigmas, v, sigma_weight))(batch["valid"])
         sig = jnp.mean(sig)
         reg = losses.weight_decay(params, weight_decay)
